@@ -1,0 +1,181 @@
+"""Shared config schema: every field an experiment can set, with its default.
+
+Experiment files in `experiments/` call `default_config()` and override fields; nothing else
+defines config keys, so an unknown key (e.g. `--config.model.chanels=...`) fails by name
+(ml_collections raises on unknown attributes of a locked ConfigDict).
+
+Also holds the size ladders (denoiser tiny/S/B/L, encoder tiny/S/B/L/g) and the
+`variant` mini-language parser used by `get_config(arg)` (big_vision style:
+`experiments/semantica_base.py:size=B,res=128`).
+"""
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+
+# Denoiser ladder: channels per resolution level, ResBlocks per level, and from which level on
+# the blocks are transformer blocks (self-attn + cross-attn + MLP) instead of conv ResBlocks.
+UNET_SIZES = {
+    # name: (channels per level, blocks per level, transformer width, heads)
+    "tiny": dict(channels=(32, 64, 64), num_res_blocks=1, num_heads=2),
+    "S": dict(channels=(128, 256, 512), num_res_blocks=2, num_heads=8),
+    "B": dict(channels=(128, 256, 512, 768), num_res_blocks=2, num_heads=12),
+    "L": dict(channels=(256, 512, 768, 1024), num_res_blocks=3, num_heads=16),
+}
+
+# Encoder ladder (DINOv2 ViT family, patch 14). `g` uses the SwiGLU FFN as DINOv2-g does.
+VIT_SIZES = {
+    "tiny": dict(width=32, depth=2, num_heads=2, mlp_dim=64, ffn="mlp"),
+    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536, ffn="mlp"),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072, ffn="mlp"),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096, ffn="mlp"),
+    "g": dict(width=1536, depth=40, num_heads=24, mlp_dim=4096, ffn="swiglu"),
+}
+
+# Logical axis name -> mesh axes. Kernels and activations are annotated with the names on the
+# left (see models/); the mesh has axes ('data', 'fsdp', 'model').
+DEFAULT_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("conv_in", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("conv_out", "model"),
+    ("kv", None),
+    ("length", None),
+    ("height", None),
+    ("width", None),
+    ("channels", None),
+    ("cond_embed", None),
+    ("conv_h", None),
+    ("conv_w", None),
+    ("norm", None),
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every config field with its default value (the 64 px base setting, S denoiser)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 256  # global batch, over all processes and devices
+
+    # ---------------------------------------------------------------- data
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = ""  # glob of TFRecord shards (WebLI-style page records)
+    c.data.eval_files = ""  # held-out shards (same format); "" = no eval split
+    c.data.image_size = 64  # target (denoised) resolution
+    c.data.pairing = "pairs"  # 'pairs' (two distinct images of a page) | 'reconstruction'
+    c.data.min_images_per_page = 2
+    c.data.shuffle_buffer = 10_000  # pages
+    c.data.file_shuffle = True
+    c.data.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
+    c.data.prefetch = 2  # batches
+    c.data.cache_decoded = False  # keep decoded pages in memory after the first epoch
+
+    # ---------------------------------------------------------------- frozen encoder
+    c.encoder = ml_collections.ConfigDict()
+    c.encoder.size = "B"  # key of VIT_SIZES
+    c.encoder.patch_size = 14
+    c.encoder.image_size = 224  # the encoder's own input resolution (multiple of patch_size)
+    c.encoder.num_registers = 0
+    c.encoder.layerscale_init = 1.0  # None = no layer-scale
+    c.encoder.weights = ""  # path to converted weights; "" = seeded random init (tests/slice only)
+    c.encoder.allow_random_init = False  # must be True to run with random weights
+    c.encoder.init_seed = 1234
+    c.encoder.mean = (0.485, 0.456, 0.406)  # applied by the encoder to [0, 1] RGB input
+    c.encoder.std = (0.229, 0.224, 0.225)
+
+    # ---------------------------------------------------------------- denoiser
+    c.model = ml_collections.ConfigDict()
+    c.model.size = "S"  # key of UNET_SIZES; explicit fields below override when set
+    c.model.channels = ()  # () = from size
+    c.model.num_res_blocks = -1  # -1 = from size
+    c.model.num_heads = -1  # -1 = from size
+    c.model.attn_resolution = 16  # transformer blocks at this resolution and below
+    c.model.mlp_ratio = 4
+    c.model.cond_dim = -1  # width of projected encoder tokens; -1 = transformer width
+    c.model.pooled_cond = True  # add projected pooled encoder vector to the time embedding
+    c.model.dropout = 0.0
+    c.model.dtype = "float32"  # compute dtype ('bfloat16' on TPU); params stay float32
+    c.model.remat = False  # rematerialise transformer blocks (saves activation memory)
+
+    # ---------------------------------------------------------------- diffusion
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "cosine_shifted"  # 'cosine' | 'cosine_shifted'
+    c.diffusion.base_resolution = 64  # shift = 2 * log(base_resolution / image_size)
+    c.diffusion.logsnr_min = -15.0
+    c.diffusion.logsnr_max = 15.0
+    c.diffusion.prediction = "v"  # 'v' | 'eps' | 'x'
+    c.diffusion.loss_weighting = "v"  # 'v' (v-MSE), 'eps', 'x' (paper's x-space L2), 'sigmoid'
+    c.diffusion.sigmoid_bias = -3.0  # for 'sigmoid' weighting: w = sigmoid(bias - logsnr) style
+    c.diffusion.cond_drop_prob = 0.1  # classifier-free guidance: p(condition -> learned null)
+
+    # ---------------------------------------------------------------- optimiser
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.warmup_steps = 1_000
+    c.optimizer.decay = "constant"  # 'constant' | 'cosine'
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.99
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.ema_decay = 0.9999
+
+    # ---------------------------------------------------------------- mesh / sharding
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # one of the three may be -1 (= all remaining devices)
+    c.mesh.fsdp = 1
+    c.mesh.model = 1
+    c.axis_rules = DEFAULT_AXIS_RULES
+
+    # ---------------------------------------------------------------- loop
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 500_000
+    c.train.log_every = 100
+    c.train.checkpoint_every = 5_000
+    c.train.sample_every = 10_000
+    c.train.eval_every = 10_000
+    c.train.eval_batches = 8
+    c.train.max_to_keep = 3
+    c.train.async_checkpointing = True
+    c.train.profile_steps = 0  # >0: capture a jax.profiler trace of this many steps after step 10
+    c.train.nonfinite = "raise"  # 'raise' | 'skip'
+
+    # ---------------------------------------------------------------- sampling (grids)
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_steps = 256  # DDPM ancestral steps
+    c.sample.guidance_scale = 1.0
+    c.sample.num_conditions = 8  # rows of the grid
+    c.sample.samples_per_condition = 4  # columns after the condition column
+    c.sample.seed = 42
+    return c
+
+
+def parse_variant(arg: str | None) -> dict[str, Any]:
+    """Parses `key=value,key2=value2` (bare `key` means True) into a dict; values are literals."""
+    out: dict[str, Any] = {}
+    if not arg:
+        return out
+    for item in arg.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            out[key] = True
+            continue
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def check_variant_keys(variant: dict[str, Any], allowed: set[str], config_name: str) -> None:
+    unknown = sorted(set(variant) - allowed)
+    if unknown:
+        raise ValueError(
+            f"{config_name}: unknown variant key(s) {unknown}; allowed: {sorted(allowed)}"
+        )

@@ -1,0 +1,13 @@
+"""Test set-up: 8 fake CPU devices, so sharding code runs as it would on a pod slice.
+
+XLA_FLAGS must be set before jax is imported anywhere, hence at the top of conftest.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Keep TensorFlow off the accelerator path and quiet; tf.data only needs the CPU.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
