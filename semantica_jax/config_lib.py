@@ -145,8 +145,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- sampling (grids)
     c.sample = ml_collections.ConfigDict()
-    c.sample.num_steps = 256  # DDPM ancestral steps
-    c.sample.guidance_scale = 1.0
+    c.sample.sampler = "ddpm"  # 'ddpm' (ancestral) | 'ddim'
+    c.sample.num_steps = 256
+    c.sample.guidance_scale = 1.0  # 1.0 = no guidance (diversity is the point)
+    c.sample.guidance_interval = (0.0, 1.0)  # apply guidance only for t in [lo, hi]
     c.sample.num_conditions = 8  # rows of the grid
     c.sample.samples_per_condition = 4  # columns after the condition column
     c.sample.seed = 42

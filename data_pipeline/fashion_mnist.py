@@ -1,0 +1,333 @@
+"""Fashion-MNIST as label-grouped page shards: the embedded, offline default dataset.
+
+The Debian package ``dataset-fashion-mnist`` ships Fashion-MNIST (60k train + 10k test grey
+28x28 images, 10 classes) as IDX files under ``/usr/share/datasets/fashion-mnist``::
+
+    sudo apt-get install -y dataset-fashion-mnist
+    python -m data_pipeline.fashion_mnist --out_dir /tmp/fmnist_pages
+
+This builds the paper's *label-grouped* setting: the images of each class are shuffled (seeded)
+and cut into pages of ``images_per_page`` same-class images, so a (condition, target) pair is two
+different images of one class. Page ids look like ``fmnist-train-c3-000123`` (split, class,
+page number within the class), ``page_url`` is empty, ``label`` is the class id. A class's last
+page keeps the remainder if it has >= 2 images; a single leftover image is not used (counted in
+``unused_images``). Page order is shuffled across classes before writing.
+
+Images are stored as lossless grey 28x28 PNG (the input pipeline converts to RGB and resizes).
+The train split becomes ``train-*-of-*.tfrecord`` shards and the test split, held out for
+evaluation, ``eval-*-of-*.tfrecord`` shards, both in ``out_dir``, next to a ``stats.json`` with
+the build parameters and counts. A second build with identical parameters finds stats.json and
+the shards and does nothing; a build with other parameters first removes the old shards.
+``classes`` keeps a subset of the classes (for held-out-class experiments).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from data_pipeline import shards
+
+logger = logging.getLogger(__name__)
+
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+DEFAULT_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
+APT_COMMAND = f"apt-get install -y {DEBIAN_PACKAGE}"
+# split name -> (IDX file stem, shard prefix)
+SPLITS = {"train": ("train", "train"), "test": ("t10k", "eval")}
+STATS_FILE = "stats.json"
+FORMAT_VERSION = 1
+
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def idx_paths(source_dir: str, split: str) -> tuple[str, str]:
+    """(images, labels) IDX gz paths of `split` ('train' or 'test') in `source_dir`."""
+    stem = SPLITS[split][0]
+    return (
+        os.path.join(source_dir, f"{stem}-images-idx3-ubyte.gz"),
+        os.path.join(source_dir, f"{stem}-labels-idx1-ubyte.gz"),
+    )
+
+
+def find_source_dir(source_dir: str | None = None) -> str:
+    """The directory holding the four Fashion-MNIST IDX gz files.
+
+    Looks in `source_dir` when given, else in `DEFAULT_SOURCE_DIR`, else wherever
+    ``dpkg -L dataset-fashion-mnist`` says the files are.
+
+    Raises:
+      FileNotFoundError: naming the expected files and the apt command that installs them.
+    """
+    candidates = [source_dir] if source_dir else [DEFAULT_SOURCE_DIR, *_dpkg_dirs()]
+    for candidate in candidates:
+        if all(os.path.isfile(p) for split in SPLITS for p in idx_paths(candidate, split)):
+            return candidate
+    where = source_dir or DEFAULT_SOURCE_DIR
+    missing = [p for split in SPLITS for p in idx_paths(where, split) if not os.path.isfile(p)]
+    raise FileNotFoundError(
+        f"Fashion-MNIST IDX files not found in {where!r} (missing: {', '.join(missing)}). "
+        f"Install them with `{APT_COMMAND}` (Debian/Ubuntu, as root), which puts them in "
+        f"{DEFAULT_SOURCE_DIR}, or pass --source_dir pointing to a directory with "
+        "{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz."
+    )
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads one (optionally gzipped) IDX file into a numpy array (native byte order)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file (bad magic {data[:4]!r})")
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(
+            f"{path}: IDX header says shape {shape} ({expected} bytes of data) but the file "
+            f"holds {len(data) - header} bytes"
+        )
+    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def load_split(source_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 28, 28], labels uint8 [N]) of `split` ('train' or 'test')."""
+    images_path, labels_path = idx_paths(source_dir, split)
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{images_path}: expected uint8 [N, H, W], got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(
+            f"{labels_path}: expected {len(images)} labels (one per image in {images_path}), "
+            f"got shape {labels.shape}"
+        )
+    if labels.size and labels.max() >= NUM_CLASSES:
+        raise ValueError(f"{labels_path}: label {labels.max()} outside [0, {NUM_CLASSES})")
+    return images, labels
+
+
+def label_grouped_pages(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    split: str,
+    images_per_page: int = 5,
+    classes: Sequence[int] | None = None,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], int]:
+    """Groups same-class images into pages (see module docstring).
+
+    Returns (pages in a seeded random order, number of unused leftover images).
+    """
+    if images_per_page < 2:
+        raise ValueError(f"images_per_page must be >= 2 (pages need pairs), got {images_per_page}")
+    classes = list(range(NUM_CLASSES)) if classes is None else sorted(set(classes))
+    pages: list[dict[str, Any]] = []
+    unused = 0
+    split_key = list(SPLITS).index(split)
+    for c in classes:
+        rng = np.random.default_rng([seed, split_key, c])
+        members = rng.permutation(np.flatnonzero(labels == c))
+        for p, start in enumerate(range(0, len(members), images_per_page)):
+            chunk = members[start : start + images_per_page]
+            if len(chunk) < 2:
+                unused += len(chunk)
+                continue
+            pages.append(
+                {
+                    "page_id": f"fmnist-{split}-c{c}-{p:06d}",
+                    "page_url": "",
+                    "images": [images[i] for i in chunk],
+                    "label": int(c),
+                }
+            )
+    order = np.random.default_rng([seed, split_key, NUM_CLASSES]).permutation(len(pages))
+    return [pages[i] for i in order], unused
+
+
+def build(
+    out_dir: str,
+    *,
+    images_per_page: int = 5,
+    train_shards: int = 8,
+    eval_shards: int = 2,
+    classes: Sequence[int] | None = None,
+    source_dir: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Builds (or finds already built) the Fashion-MNIST page shards in `out_dir`.
+
+    Returns the stats.json content plus ``skipped`` (True when an identical build was found) and
+    ``train_files`` / ``eval_files`` (glob patterns for config.data.*_files).
+    """
+    if classes is not None:
+        bad = [c for c in classes if not 0 <= int(c) < NUM_CLASSES]
+        if bad or not classes:
+            raise ValueError(f"classes must be a non-empty subset of 0..{NUM_CLASSES - 1}, got {classes}")
+        classes = sorted({int(c) for c in classes})
+    for name, value in (("train_shards", train_shards), ("eval_shards", eval_shards)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    source_dir = find_source_dir(source_dir)
+    params = {
+        "format_version": FORMAT_VERSION,
+        "images_per_page": images_per_page,
+        "train_shards": train_shards,
+        "eval_shards": eval_shards,
+        "classes": classes if classes is not None else list(range(NUM_CLASSES)),
+        "seed": seed,
+        # Cheap fingerprint of the source: file names and sizes.
+        "source_files": {
+            os.path.basename(p): os.path.getsize(p) for s in SPLITS for p in idx_paths(source_dir, s)
+        },
+    }
+    patterns = {
+        "train_files": os.path.join(out_dir, f"{SPLITS['train'][1]}-*-of-*{shards.SHARD_SUFFIX}"),
+        "eval_files": os.path.join(out_dir, f"{SPLITS['test'][1]}-*-of-*{shards.SHARD_SUFFIX}"),
+    }
+    stats_path = os.path.join(out_dir, STATS_FILE)
+    existing = _read_stats(stats_path)
+    if existing is not None and existing.get("params") == params:
+        files = [f for split in existing["splits"].values() for f in split["files"]]
+        if all(os.path.isfile(os.path.join(out_dir, f)) for f in files):
+            logger.info("%s: identical build found (%s), skipping", out_dir, stats_path)
+            return {**existing, **patterns, "skipped": True}
+
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(stats_path):
+        os.remove(stats_path)  # the shards below no longer match it
+    for split, (_, prefix) in SPLITS.items():
+        for stale in glob.glob(os.path.join(out_dir, f"{prefix}-*-of-*{shards.SHARD_SUFFIX}")):
+            logger.info("removing shard of a previous build: %s", stale)
+            os.remove(stale)
+
+    splits: dict[str, Any] = {}
+    for split, (_, prefix) in SPLITS.items():
+        images, labels = load_split(source_dir, split)
+        pages, unused = label_grouped_pages(
+            images, labels, split=split, images_per_page=images_per_page, classes=classes, seed=seed
+        )
+        num_shards = train_shards if split == "train" else eval_shards
+        written = shards.write_shards(pages, out_dir, num_shards, prefix=prefix, image_format="png")
+        splits[split] = {
+            "prefix": prefix,
+            "pages": written["pages_written"],
+            "images": written["images_written"],
+            "unused_images": unused,
+            "skipped_corrupt_images": written["skipped_corrupt_images"],
+            "bytes": written["bytes"],
+            "files": [os.path.basename(f) for f in written["files"]],
+        }
+    stats = {"params": params, "source_dir": source_dir, "splits": splits}
+    tmp = stats_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(stats, f, indent=2, sort_keys=True)
+    os.replace(tmp, stats_path)
+    return {**stats, **patterns, "skipped": False}
+
+
+def _read_stats(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _dpkg_dirs() -> Iterator[str]:
+    """Directories that `dpkg -L dataset-fashion-mnist` lists a train images file in."""
+    if shutil.which("dpkg") is None:
+        return
+    try:
+        out = subprocess.run(
+            ["dpkg", "-L", DEBIAN_PACKAGE], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in out.splitlines():
+        if line.endswith("train-images-idx3-ubyte.gz"):
+            yield os.path.dirname(line)
+
+
+def _parse_classes(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--classes must be comma-separated ints, got {text!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.fashion_mnist", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--out_dir", required=True, help="where the shards and stats.json go")
+    parser.add_argument("--images_per_page", type=int, default=5)
+    parser.add_argument("--train_shards", type=int, default=8)
+    parser.add_argument("--eval_shards", type=int, default=2)
+    parser.add_argument("--classes", type=_parse_classes, default=None,
+                        help="comma-separated class ids to keep, e.g. 0,1,2 (default: all)")
+    parser.add_argument("--source_dir", default=None,
+                        help=f"directory of the IDX gz files (default: {DEFAULT_SOURCE_DIR})")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = build(
+            args.out_dir,
+            images_per_page=args.images_per_page,
+            train_shards=args.train_shards,
+            eval_shards=args.eval_shards,
+            classes=args.classes,
+            source_dir=args.source_dir,
+            seed=args.seed,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result["skipped"]:
+        print(f"{args.out_dir}: already built with these parameters, nothing to do")
+    for split, s in result["splits"].items():
+        print(f"{split}: {s['pages']} pages, {s['images']} images, {len(s['files'])} files")
+    print(f"config.data.train_files={result['train_files']}")
+    print(f"config.data.eval_files={result['eval_files']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

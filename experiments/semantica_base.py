@@ -1,0 +1,57 @@
+r"""Semantica base: 64 px pixel-space U-ViT denoiser conditioned on a frozen DINOv2 ViT-B/14.
+
+Launch on a TPU pod (issue 7 adds the launcher):
+  launch/tpu_pod.sh experiments/semantica_base.py --workdir gs://BUCKET/semantica_base
+Locally (any machine): python -m semantica_jax.main --config=experiments/semantica_base.py:runlocal \
+    --workdir=/tmp/semantica_base --config.data.train_files='PATH/train-*.tfrecord'
+Required overrides: `--config.data.train_files` (WebLI-style page shards, see README "Shard format")
+and `--config.encoder.weights` (converted encoder weights; random init is refused outside runlocal).
+Variants (`experiments/semantica_base.py:key=value,...`):
+  size=S|B|L      denoiser size ladder (decoder-scaling ablation); default S
+  encoder=S|B|L|g DINOv2 encoder size; default B
+  res=64|128|256  target resolution (the log-SNR shift follows it); default 64
+  runlocal        batch 8, 3 steps, random encoder at 56 px: checks the config runs on a laptop
+What it should show: loss decreasing, and samples (grids in TensorBoard) that are diverse variations
+keeping the condition's semantics; reconstruction pairing (`--config.data.pairing=reconstruction`)
+should give near-copies instead.
+"""
+from semantica_jax import config_lib
+
+_VARIANT_KEYS = {"size", "encoder", "res", "runlocal"}
+
+
+def get_config(arg=None):
+    v = config_lib.parse_variant(arg)
+    config_lib.check_variant_keys(v, _VARIANT_KEYS, "semantica_base")
+    c = config_lib.default_config()
+    c.batch_size = 256
+    c.data.image_size = int(v.get("res", 64))
+    c.model.size = str(v.get("size", "S"))
+    if c.model.size not in config_lib.UNET_SIZES:
+        raise ValueError(f"semantica_base: size={c.model.size!r}; expected one of {sorted(config_lib.UNET_SIZES)}")
+    c.encoder.size = str(v.get("encoder", "B"))
+    if c.encoder.size not in config_lib.VIT_SIZES:
+        raise ValueError(f"semantica_base: encoder={c.encoder.size!r}; expected one of {sorted(config_lib.VIT_SIZES)}")
+    c.encoder.image_size = 224
+    c.model.dtype = "bfloat16"
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.warmup_steps = 5_000
+    c.optimizer.ema_decay = 0.9999
+    c.train.num_steps = 500_000
+
+    if v.get("runlocal"):
+        c.batch_size = 8
+        c.model.dtype = "float32"
+        c.encoder.image_size = 56
+        c.encoder.allow_random_init = True
+        c.data.shuffle_buffer = 100
+        c.train.num_steps = 3
+        c.train.log_every = 1
+        c.train.checkpoint_every = 3
+        c.train.eval_every = 3
+        c.train.eval_batches = 1
+        c.train.sample_every = 3
+        c.sample.num_steps = 2
+        c.sample.num_conditions = 2
+        c.sample.samples_per_condition = 2
+    return c

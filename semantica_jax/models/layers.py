@@ -1,0 +1,256 @@
+"""Building blocks shared by the frozen ViT encoder (`vit.py`) and the UNet denoiser (`unet.py`).
+
+Conventions (see DESIGN.md):
+  * Parameters are stored in float32 (`param_dtype`); the `dtype` field of a module is the
+    compute dtype (e.g. bfloat16 on TPU).
+  * Every parameter carries logical axis names (`nn.with_logical_partitioning`) drawn from
+    `config_lib.DEFAULT_AXIS_RULES`; activations at block boundaries are annotated with
+    `nn.with_logical_constraint` (a no-op without a mesh / axis rules in context).
+  * Attention uses `jax.nn.dot_product_attention` with the [batch, length, heads, head_dim]
+    layout.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any  # str ('bfloat16') or a jnp dtype
+Initializer = Callable[..., jax.Array]
+AxisNames = tuple[str | None, ...]
+
+PARAM_DTYPE = jnp.float32
+
+# Logical names of activations at block boundaries.
+IMAGE_AXES: AxisNames = ("batch", "height", "width", "channels")
+TOKEN_AXES: AxisNames = ("batch", "length", "embed")
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def canonical_dtype(dtype: Dtype) -> jnp.dtype:
+    """Turns a dtype given as a string ('bfloat16') or a jnp type into a `jnp.dtype`."""
+    try:
+        return jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"unknown compute dtype {dtype!r}") from e
+
+
+def partitioned(init_fn: Initializer, names: AxisNames) -> Initializer:
+    """Shorthand for `nn.with_logical_partitioning(init_fn, names)`."""
+    return nn.with_logical_partitioning(init_fn, names)
+
+
+def constrain_image(x: jax.Array) -> jax.Array:
+    """Annotates an [B, H, W, C] feature map with logical axes (no-op without a mesh)."""
+    return nn.with_logical_constraint(x, IMAGE_AXES)
+
+
+def constrain_tokens(x: jax.Array) -> jax.Array:
+    """Annotates a [B, T, D] token sequence with logical axes (no-op without a mesh)."""
+    return nn.with_logical_constraint(x, TOKEN_AXES)
+
+
+def layer_norm(
+    *, eps: float = 1e-6, dtype: Dtype = jnp.float32, name: str | None = None
+) -> nn.LayerNorm:
+    """A LayerNorm whose scale and bias carry the logical name 'norm'."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=canonical_dtype(dtype),
+        param_dtype=PARAM_DTYPE,
+        scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),
+        bias_init=partitioned(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+def group_norm_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
+    """Number of GroupNorm groups for `channels` feature maps.
+
+    Starts from `min(max_groups, channels // min_group_size)` (at least 1) and decreases it until
+    it divides `channels`. Examples: 32 -> 8, 64 -> 16, 96 -> 24, 128 -> 32, 768 -> 32, 3 -> 1.
+    So groups always divide the channels and hold at least `min_group_size` channels whenever
+    `channels >= min_group_size`.
+    """
+    if channels <= 0:
+        raise ValueError(f"group_norm_groups: channels must be positive, got {channels}")
+    groups = max(1, min(max_groups, channels // min_group_size))
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+def group_norm(channels: int, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
+    """A GroupNorm (groups from `group_norm_groups`) with 'norm'-named scale and bias."""
+    return nn.GroupNorm(
+        num_groups=group_norm_groups(channels),
+        epsilon=1e-6,
+        dtype=canonical_dtype(dtype),
+        param_dtype=PARAM_DTYPE,
+        scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),
+        bias_init=partitioned(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+def dense(
+    features: int,
+    kernel_names: AxisNames,
+    bias_names: AxisNames,
+    *,
+    dtype: Dtype = jnp.float32,
+    use_bias: bool = True,
+    kernel_init: Initializer = default_kernel_init,
+    name: str | None = None,
+) -> nn.Dense:
+    """An `nn.Dense` with logically named kernel [in, out] and bias [out]."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=canonical_dtype(dtype),
+        param_dtype=PARAM_DTYPE,
+        kernel_init=partitioned(kernel_init, kernel_names),
+        bias_init=partitioned(nn.initializers.zeros_init(), bias_names),
+        name=name,
+    )
+
+
+def conv(
+    features: int,
+    kernel_size: int,
+    *,
+    strides: int = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    in_name: str = "conv_in",
+    out_name: str = "conv_out",
+    dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = default_kernel_init,
+    name: str | None = None,
+) -> nn.Conv:
+    """An `nn.Conv` (NHWC) with kernel names ('conv_h', 'conv_w', in_name, out_name), bias (out_name,).
+
+    The first/last convolutions of a network, whose in/out side is the 3 RGB channels, pass
+    `in_name='channels'` / `out_name='channels'` (replicated): a 3-wide dimension cannot be
+    sharded over the 'fsdp' / 'model' mesh axes that 'conv_in' / 'conv_out' map to.
+    """
+    return nn.Conv(
+        features,
+        kernel_size=(kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=padding,
+        dtype=canonical_dtype(dtype),
+        param_dtype=PARAM_DTYPE,
+        kernel_init=partitioned(kernel_init, ("conv_h", "conv_w", in_name, out_name)),
+        bias_init=partitioned(nn.initializers.zeros_init(), (out_name,)),
+        name=name,
+    )
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale (DINOv2 / CaiT layer-scale): `x * scale` (HF `lambda1`)."""
+
+    init_value: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            partitioned(nn.initializers.constant(self.init_value), ("embed",)),
+            (x.shape[-1],),
+            PARAM_DTYPE,
+        )
+        return x * scale.astype(canonical_dtype(self.dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head (self- or cross-) attention with separate query/key/value projections.
+
+    Submodules: `query`, `key`, `value` (DenseGeneral, kernel ('embed', 'heads', 'kv'), bias
+    ('heads', 'kv')) and `out` (kernel ('heads', 'kv', 'embed'), bias ('embed',)). This is the
+    HF `Dinov2SelfAttention` + `Dinov2SelfOutput` layout (a [D, D] HF Linear weight maps to our
+    kernel by transposing and reshaping to [D, heads, D // heads]).
+
+    Queries come from `x` [B, Tq, D]; keys/values from `context` [B, Tk, Dc] (defaults to `x`).
+    The head dim is `D // num_heads`; the output width is D.
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    out_kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(
+                f"{self.name or 'Attention'}: num_heads={self.num_heads} does not divide "
+                f"the width {width}"
+            )
+        head_dim = width // self.num_heads
+        context = x if context is None else context
+        dtype = canonical_dtype(self.dtype)
+
+        def proj(name: str) -> nn.DenseGeneral:
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim),
+                use_bias=self.use_bias,
+                dtype=dtype,
+                param_dtype=PARAM_DTYPE,
+                kernel_init=partitioned(default_kernel_init, ("embed", "heads", "kv")),
+                bias_init=partitioned(nn.initializers.zeros_init(), ("heads", "kv")),
+                name=name,
+            )
+
+        q = proj("query")(x)
+        k = proj("key")(context)
+        v = proj("value")(context)
+        y = jax.nn.dot_product_attention(q, k, v)  # [B, Tq, N, H]
+        return nn.DenseGeneral(
+            width,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            dtype=dtype,
+            param_dtype=PARAM_DTYPE,
+            kernel_init=partitioned(self.out_kernel_init, ("heads", "kv", "embed")),
+            bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)),
+            name="out",
+        )(y)
+
+
+class Mlp(nn.Module):
+    """Transformer MLP: `fc1` -> GELU -> `fc2` (HF `Dinov2MLP`). GELU is exact unless `approximate`."""
+
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+    approximate_gelu: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        h = dense(self.hidden_dim, ("embed", "mlp"), ("mlp",), dtype=self.dtype, name="fc1")(x)
+        h = jax.nn.gelu(h, approximate=self.approximate_gelu)
+        return dense(width, ("mlp", "embed"), ("embed",), dtype=self.dtype, name="fc2")(h)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU FFN (HF `Dinov2SwiGLUFFN`): `weights_in` -> split [gate, up] -> silu(gate) * up ->
+    `weights_out`. `hidden_dim` is the width of silu(gate) * up (HF's rounded hidden features)."""
+
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        h = dense(
+            2 * self.hidden_dim, ("embed", "mlp"), ("mlp",), dtype=self.dtype, name="weights_in"
+        )(x)
+        gate, up = jnp.split(h, 2, axis=-1)
+        h = jax.nn.silu(gate) * up
+        return dense(width, ("mlp", "embed"), ("embed",), dtype=self.dtype, name="weights_out")(h)

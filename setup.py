@@ -1,0 +1,38 @@
+"""semantica_jax: pretraining Semantica (image-conditioned pixel diffusion on web-page image pairs)."""
+import os
+
+from setuptools import find_packages, setup
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _requirements():
+    with open(os.path.join(_HERE, "requirements.txt")) as f:
+        return [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+
+
+setup(
+    name="semantica_jax",
+    version="0.1.0",
+    description="JAX/Flax pretraining of Semantica: diverse image variations from web-page image pairs",
+    long_description=open(os.path.join(_HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["semantica_jax", "semantica_jax.*", "data_pipeline", "data_pipeline.*"]),
+    install_requires=_requirements(),
+    extras_require={
+        "test": ["pytest==9.2.0"],
+        # Web-scale preprocessing; needs protobuf 6.33.6, which requirements.txt pins.
+        "data": ["apache-beam[tfrecord]==2.77.0", "google-crc32c==1.9.0"],
+        # AOT compile for / run on TPU (libtpu 0.0.42.1 matches jax 0.10.2).
+        "tpu": ["jax[tpu]==0.10.2"],
+        "gpu": ["jax[cuda12]==0.10.2"],
+    },
+    entry_points={
+        "console_scripts": [
+            "semantica-train=semantica_jax.main:run",
+            "semantica-build-fmnist=data_pipeline.fashion_mnist:run",
+        ],
+    },
+)
