@@ -131,7 +131,9 @@ def load_split(source_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     images_path, labels_path = idx_paths(source_dir, split)
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{images_path}: expected uint8 [N, H, W], got {images.dtype} {images.shape}")
+        raise ValueError(
+            f"{images_path}: expected uint8 [N, H, W], got {images.dtype} {images.shape}"
+        )
     if labels.ndim != 1 or len(labels) != len(images):
         raise ValueError(
             f"{labels_path}: expected {len(images)} labels (one per image in {images_path}), "
@@ -199,7 +201,9 @@ def build(
     if classes is not None:
         bad = [c for c in classes if not 0 <= int(c) < NUM_CLASSES]
         if bad or not classes:
-            raise ValueError(f"classes must be a non-empty subset of 0..{NUM_CLASSES - 1}, got {classes}")
+            raise ValueError(
+                f"classes must be a non-empty subset of 0..{NUM_CLASSES - 1}, got {classes}"
+            )
         classes = sorted({int(c) for c in classes})
     for name, value in (("train_shards", train_shards), ("eval_shards", eval_shards)):
         if value < 1:
@@ -214,7 +218,9 @@ def build(
         "seed": seed,
         # Cheap fingerprint of the source: file names and sizes.
         "source_files": {
-            os.path.basename(p): os.path.getsize(p) for s in SPLITS for p in idx_paths(source_dir, s)
+            os.path.basename(p): os.path.getsize(p)
+            for s in SPLITS
+            for p in idx_paths(source_dir, s)
         },
     }
     patterns = {
@@ -241,7 +247,12 @@ def build(
     for split, (_, prefix) in SPLITS.items():
         images, labels = load_split(source_dir, split)
         pages, unused = label_grouped_pages(
-            images, labels, split=split, images_per_page=images_per_page, classes=classes, seed=seed
+            images,
+            labels,
+            split=split,
+            images_per_page=images_per_page,
+            classes=classes,
+            seed=seed,
         )
         num_shards = train_shards if split == "train" else eval_shards
         written = shards.write_shards(pages, out_dir, num_shards, prefix=prefix, image_format="png")

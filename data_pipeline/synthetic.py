@@ -81,7 +81,9 @@ def decode_synthetic(image: Any, value_range: tuple[float, float] = (0.0, 1.0)) 
     def to_digits(values: np.ndarray) -> np.ndarray:
         return np.abs(values[:, None] - LEVELS[None, :].astype(np.float64)).argmin(axis=1)
 
-    page_digits = np.concatenate([to_digits(quadrant_mean(r, c)) for r, c in ((0, 0), (0, 1), (1, 0))])
+    page_digits = np.concatenate(
+        [to_digits(quadrant_mean(r, c)) for r, c in ((0, 0), (0, 1), (1, 0))]
+    )
     index_digits = to_digits(quadrant_mean(1, 1))
     page = int(sum(int(d) * _BASE**k for k, d in enumerate(page_digits)))
     index = int(sum(int(d) * _BASE**k for k, d in enumerate(index_digits)))

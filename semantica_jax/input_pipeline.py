@@ -172,13 +172,16 @@ def make_pair_dataset(
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle and file_shuffle and len(files) > 1:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=min(len(files), _MAX_INTERLEAVE),
-        block_length=1,
-        num_parallel_calls=parallel if len(files) > 1 else None,
-        deterministic=True,
-    )
+    if len(files) > 1:
+        ds = ds.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=min(len(files), _MAX_INTERLEAVE),
+            block_length=1,
+            num_parallel_calls=parallel,
+            deterministic=True,
+        )
+    else:
+        ds = ds.flat_map(tf.data.TFRecordDataset)
     ds = ds.map(_parse, num_parallel_calls=parallel, deterministic=True)
     ds = ds.filter(lambda page: page["num_images"] >= min_images_per_page)
     if cache_decoded:
@@ -195,7 +198,9 @@ def make_pair_dataset(
         cond_index, target_index = _choose_indices(seed, counter, page["num_images"], pairing)
         if cache_decoded:
             cond_img = _cached_image(page, cond_index)
-            target_img = cond_img if pairing == "reconstruction" else _cached_image(page, target_index)
+            target_img = (
+                cond_img if pairing == "reconstruction" else _cached_image(page, target_index)
+            )
         else:
             cond_img = _decode(page["images"][cond_index])
             target_img = (
@@ -221,21 +226,28 @@ def make_pair_dataset(
 
 
 def create_train_dataset(
-    config: Any, *, process_index: int, process_count: int, batch_size: int
+    config: Any,
+    *,
+    process_index: int,
+    process_count: int,
+    batch_size: int,
+    seed: int | None = None,
 ) -> tf.data.Dataset:
     """Endless, shuffled training pairs of this process from ``config.data.train_files``.
 
     `batch_size` is the per-process batch. The condition is resized to
-    ``config.encoder.image_size``, the target to ``config.data.image_size``; the seed is
-    ``config.seed``.
+    ``config.encoder.image_size``, the target to ``config.data.image_size``. `seed` (default
+    ``config.seed``) seeds the file/page shuffles and the pair choice.
     """
     if not config.data.train_files:
         raise ValueError("config.data.train_files is empty: set it to a glob of page shards")
     files = files_for_process(
         list_shard_files(config.data.train_files), process_index, process_count
     )
-    return make_pair_dataset(files, batch_size=batch_size, shuffle=True, repeat=True,
-                             **_common_kwargs(config))
+    kwargs = _common_kwargs(config)
+    if seed is not None:
+        kwargs["seed"] = int(seed)
+    return make_pair_dataset(files, batch_size=batch_size, shuffle=True, repeat=True, **kwargs)
 
 
 def create_eval_dataset(
