@@ -84,7 +84,9 @@ def group_norm_groups(channels: int, max_groups: int = 32, min_group_size: int =
     return groups
 
 
-def group_norm(channels: int, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
+def group_norm(
+    channels: int, *, dtype: Dtype = jnp.float32, name: str | None = None
+) -> nn.GroupNorm:
     """A GroupNorm (groups from `group_norm_groups`) with 'norm'-named scale and bias."""
     return nn.GroupNorm(
         num_groups=group_norm_groups(channels),
@@ -131,7 +133,7 @@ def conv(
     kernel_init: Initializer = default_kernel_init,
     name: str | None = None,
 ) -> nn.Conv:
-    """An `nn.Conv` (NHWC) with kernel names ('conv_h', 'conv_w', in_name, out_name), bias (out_name,).
+    """An `nn.Conv` (NHWC): kernel names ('conv_h', 'conv_w', in_name, out_name), bias (out_name,).
 
     The first/last convolutions of a network, whose in/out side is the 3 RGB channels, pass
     `in_name='channels'` / `out_name='channels'` (replicated): a 3-wide dimension cannot be
@@ -167,22 +169,92 @@ class LayerScale(nn.Module):
         return x * scale.astype(canonical_dtype(self.dtype))
 
 
+class HeadsProjection(nn.Module):
+    """x [..., D] -> [..., heads, head_dim]: kernel [D, heads, head_dim] ('embed', 'heads', 'kv'),
+    bias [heads, head_dim] ('heads', 'kv').
+
+    Written with `self.param` + einsum rather than `nn.DenseGeneral`: DenseGeneral initialises a
+    flattened 2-D kernel and unboxes it, which applies the rank-3 logical sharding constraint to
+    a rank-2 array and fails under a mesh.
+    """
+
+    num_heads: int
+    head_dim: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            partitioned(
+                nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)), ("embed", "heads", "kv")
+            ),
+            (x.shape[-1], self.num_heads, self.head_dim),
+            PARAM_DTYPE,
+        )
+        dtype = canonical_dtype(self.dtype)
+        y = jnp.einsum("...d,dnh->...nh", x.astype(dtype), kernel.astype(dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                partitioned(nn.initializers.zeros_init(), ("heads", "kv")),
+                (self.num_heads, self.head_dim),
+                PARAM_DTYPE,
+            )
+            y = y + bias.astype(dtype)
+        return y
+
+
+class HeadsOutput(nn.Module):
+    """[..., heads, head_dim] -> [..., features]: kernel [heads, head_dim, features]
+    ('heads', 'kv', 'embed'), bias [features] ('embed',)."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            partitioned(
+                nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")
+            ),
+            (x.shape[-2], x.shape[-1], self.features),
+            PARAM_DTYPE,
+        )
+        dtype = canonical_dtype(self.dtype)
+        y = jnp.einsum("...nh,nhd->...d", x.astype(dtype), kernel.astype(dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                partitioned(nn.initializers.zeros_init(), ("embed",)),
+                (self.features,),
+                PARAM_DTYPE,
+            )
+            y = y + bias.astype(dtype)
+        return y
+
+
 class Attention(nn.Module):
     """Multi-head (self- or cross-) attention with separate query/key/value projections.
 
-    Submodules: `query`, `key`, `value` (DenseGeneral, kernel ('embed', 'heads', 'kv'), bias
-    ('heads', 'kv')) and `out` (kernel ('heads', 'kv', 'embed'), bias ('embed',)). This is the
-    HF `Dinov2SelfAttention` + `Dinov2SelfOutput` layout (a [D, D] HF Linear weight maps to our
-    kernel by transposing and reshaping to [D, heads, D // heads]).
+    Submodules: `query`, `key`, `value` (`HeadsProjection`: kernel [D, heads, D/heads] named
+    ('embed', 'heads', 'kv'), bias ('heads', 'kv')) and `out` (`HeadsOutput`: kernel
+    [heads, D/heads, D] named ('heads', 'kv', 'embed'), bias ('embed',)). This is the HF
+    `Dinov2SelfAttention` + `Dinov2SelfOutput` layout: an HF [D_out, D_in] Linear weight maps to
+    the query kernel as `W.T.reshape(D, heads, D // heads)` and to the out kernel as
+    `W.T.reshape(heads, D // heads, D)`.
 
     Queries come from `x` [B, Tq, D]; keys/values from `context` [B, Tk, Dc] (defaults to `x`).
-    The head dim is `D // num_heads`; the output width is D.
+    The head dim is `D // num_heads`; the output width is D. Scores are scaled by
+    1/sqrt(head_dim) (`jax.nn.dot_product_attention`'s default).
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
     use_bias: bool = True
-    out_kernel_init: Initializer = default_kernel_init
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -194,37 +266,21 @@ class Attention(nn.Module):
             )
         head_dim = width // self.num_heads
         context = x if context is None else context
-        dtype = canonical_dtype(self.dtype)
 
-        def proj(name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim),
-                use_bias=self.use_bias,
-                dtype=dtype,
-                param_dtype=PARAM_DTYPE,
-                kernel_init=partitioned(default_kernel_init, ("embed", "heads", "kv")),
-                bias_init=partitioned(nn.initializers.zeros_init(), ("heads", "kv")),
-                name=name,
+        def proj(name: str) -> HeadsProjection:
+            return HeadsProjection(
+                self.num_heads, head_dim, use_bias=self.use_bias, dtype=self.dtype, name=name
             )
 
         q = proj("query")(x)
         k = proj("key")(context)
         v = proj("value")(context)
         y = jax.nn.dot_product_attention(q, k, v)  # [B, Tq, N, H]
-        return nn.DenseGeneral(
-            width,
-            axis=(-2, -1),
-            use_bias=self.use_bias,
-            dtype=dtype,
-            param_dtype=PARAM_DTYPE,
-            kernel_init=partitioned(self.out_kernel_init, ("heads", "kv", "embed")),
-            bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)),
-            name="out",
-        )(y)
+        return HeadsOutput(width, use_bias=self.use_bias, dtype=self.dtype, name="out")(y)
 
 
 class Mlp(nn.Module):
-    """Transformer MLP: `fc1` -> GELU -> `fc2` (HF `Dinov2MLP`). GELU is exact unless `approximate`."""
+    """Transformer MLP: `fc1` -> GELU -> `fc2` (HF `Dinov2MLP`); exact GELU by default."""
 
     hidden_dim: int
     dtype: Dtype = jnp.float32

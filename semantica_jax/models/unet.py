@@ -60,8 +60,8 @@ def logsnr_embedding(logsnr: jax.Array, dim: int) -> jax.Array:
 
 
 class ResBlock(nn.Module):
-    """GN -> swish -> conv3x3 -> GN * (1 + scale) + shift (from temb) -> swish -> dropout -> conv3x3,
-    plus the input (through a 1x1 conv `skip` when the channel count changes)."""
+    """GN -> swish -> conv3x3 -> GN * (1 + scale) + shift (from temb) -> swish -> dropout ->
+    conv3x3, plus the input (through a 1x1 conv `skip` when the channel count changes)."""
 
     out_channels: int
     dropout: float = 0.0
@@ -235,12 +235,12 @@ class UNet(nn.Module):
         # ------------------------------------------------------------ time (+ pooled) embedding
         temb_dim = 4 * self.channels[0]
         temb = logsnr_embedding(logsnr, self.channels[0]).astype(dtype)
-        temb = layers.dense(temb_dim, ("embed", "mlp"), ("mlp",), dtype=dtype, name="time_dense1")(
-            temb
-        )
-        temb = layers.dense(temb_dim, ("mlp", "embed"), ("embed",), dtype=dtype, name="time_dense2")(
-            nn.swish(temb)
-        )
+        temb = layers.dense(
+            temb_dim, ("embed", "mlp"), ("mlp",), dtype=dtype, name="time_dense1"
+        )(temb)
+        temb = layers.dense(
+            temb_dim, ("mlp", "embed"), ("embed",), dtype=dtype, name="time_dense2"
+        )(nn.swish(temb))
         if self.pooled_cond:
             pooled = layers.layer_norm(dtype=dtype, name="pooled_norm")(cond_pooled.astype(dtype))
             pooled = layers.dense(
@@ -261,18 +261,20 @@ class UNet(nn.Module):
         cond = layers.dense(
             cond_dim, ("cond_embed", "embed"), ("embed",), dtype=dtype, name="cond_proj"
         )(cond)
+        if self.has_variable("params", "null_cond_tokens"):
+            stored = jnp.shape(nn.meta.unbox(self.get_variable("params", "null_cond_tokens")))
+            if stored != (num_tokens, cond_dim):
+                raise ValueError(
+                    f"UNet: cond_tokens has {num_tokens} tokens (projected to cond_dim={cond_dim}) "
+                    f"but the learned null sequence null_cond_tokens has shape {stored}, fixed at "
+                    "init; the encoder token count must match the one seen at init"
+                )
         null_tokens = self.param(
             "null_cond_tokens",
             layers.partitioned(nn.initializers.normal(1.0), ("length", "embed")),
             (num_tokens, cond_dim),
             layers.PARAM_DTYPE,
         )
-        if null_tokens.shape != (num_tokens, cond_dim):
-            raise ValueError(
-                f"UNet: cond_tokens has {num_tokens} tokens but the learned null sequence "
-                f"null_cond_tokens has shape {null_tokens.shape} (fixed at init); the encoder "
-                "token count must match the one the model was initialised with"
-            )
         cond = jnp.where(cond_mask[:, None, None], cond, null_tokens.astype(dtype)[None])
         cond = layers.constrain_tokens(cond)
 
