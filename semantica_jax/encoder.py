@@ -28,7 +28,7 @@ from semantica_jax.models import vit as vit_lib
 
 
 def save_params_npz(params: Any, path: str) -> None:
-    flat = flax.traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
+    flat = flax.traverse_util.flatten_dict(sharding.strip_boxes(params), sep="/")
     np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
 
 
@@ -38,7 +38,7 @@ def load_params_npz(path: str, expected: Any) -> dict:
         raise FileNotFoundError(f"config.encoder.weights={path!r} does not exist")
     with np.load(path) as f:
         flat = {k: f[k] for k in f.files}
-    want = flax.traverse_util.flatten_dict(nn.meta.unbox(expected), sep="/")
+    want = flax.traverse_util.flatten_dict(sharding.strip_boxes(expected), sep="/")
     missing = sorted(set(want) - set(flat))
     unexpected = sorted(set(flat) - set(want))
     if missing or unexpected:

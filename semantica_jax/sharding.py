@@ -69,6 +69,12 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def strip_boxes(tree: Any) -> Any:
+    """Removes flax partitioning boxes without adding sharding constraints (safe outside jit)."""
+    is_box = lambda x: isinstance(x, nn.Partitioned)
+    return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 

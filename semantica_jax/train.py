@@ -7,8 +7,6 @@ Read top to bottom; each banner is one stage:
 Data flow: page shards -> (condition, target) pairs -> frozen ViT tokens (stop_gradient, not
 optimised, not checkpointed) -> UNet denoiser cross-attending to them -> v/eps/x loss.
 """
-from __future__ import annotations
-
 import dataclasses
 import functools
 import json
@@ -125,7 +123,7 @@ def make_train_step(config, unet: nn.Module, encoder: encoder_lib.FrozenEncoder,
             return jnp.mean(per_ex)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         d = ema_decay_at(state.step, config.optimizer.ema_decay)
@@ -288,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         rng = jax.random.PRNGKey(config.seed)
         abstract_boxed = jax.eval_shape(init_state, rng)
         state_sh = sharding.logical_to_shardings(abstract_boxed, mesh, rules)
-        abstract_state = checkpointing.abstract_like(nn.meta.unbox(abstract_boxed), state_sh)
+        abstract_state = checkpointing.abstract_like(sharding.strip_boxes(abstract_boxed), state_sh)
         num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
         logging.info("Denoiser: %.2f M params; encoder tokens %s", num_params / 1e6, token_shape[0].shape)
 
