@@ -22,7 +22,8 @@ setup(
     packages=find_packages(include=["semantica_jax", "semantica_jax.*", "data_pipeline", "data_pipeline.*"]),
     install_requires=_requirements(),
     extras_require={
-        "test": ["pytest==9.2.0"],
+        # Parity tests build reference models offline with the CPU build of torch 2.13.0.
+        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0"],
         # Web-scale preprocessing; needs protobuf 6.33.6, which requirements.txt pins.
         "data": ["apache-beam[tfrecord]==2.77.0", "google-crc32c==1.9.0"],
         # AOT compile for / run on TPU (libtpu 0.0.42.1 matches jax 0.10.2).
@@ -33,6 +34,7 @@ setup(
         "console_scripts": [
             "semantica-train=semantica_jax.main:run",
             "semantica-build-fmnist=data_pipeline.fashion_mnist:run",
+            "semantica-convert-encoder=semantica_jax.convert_encoder:run",
         ],
     },
 )

@@ -340,5 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry (`semantica-build-fmnist`)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,7 +1,13 @@
 r"""Semantica base: 64 px pixel-space U-ViT denoiser conditioned on a frozen DINOv2 ViT-B/14.
 
-Launch on a TPU pod (issue 7 adds the launcher):
-  launch/tpu_pod.sh experiments/semantica_base.py --workdir gs://BUCKET/semantica_base
+Launch on a TPU pod slice (every worker; see launch/tpu_pod.sh and docs/SCALE.md):
+  launch/tpu_pod.sh experiments/semantica_base.py --tpu NAME --zone ZONE --project PROJECT \
+      --workdir gs://BUCKET/semantica_base -- --config.data.train_files='gs://BUCKET/pages/train-*' \
+      --config.encoder.weights=PATH
+  (the L denoiser: experiments/semantica_base.py:size=L,fsdp; multi-node GPU:
+   sbatch launch/gpu_slurm.sbatch experiments/semantica_base.py:size=L,fsdp WORKDIR [flags])
+Check memory and FLOPs for a pod before launching: python launch/compile_for.py \
+    --config=experiments/semantica_base.py --topology=v5e-256
 Locally (any machine): python -m semantica_jax.main --config=experiments/semantica_base.py:runlocal \
     --workdir=/tmp/semantica_base --config.data.train_files='PATH/train-*.tfrecord'
 Required overrides: `--config.data.train_files` (WebLI-style page shards, see README "Shard format")
@@ -9,7 +15,12 @@ and `--config.encoder.weights` (converted encoder weights; random init is refuse
 Variants (`experiments/semantica_base.py:key=value,...`):
   size=S|B|L      denoiser size ladder (decoder-scaling ablation); default S
   encoder=S|B|L|g DINOv2 encoder size; default B
-  res=64|128|256  target resolution (the log-SNR shift follows it); default 64
+  res=64|128|256  target resolution (the log-SNR shift follows it; extra UNet levels are
+                  prepended so attention stays at <= 16 px); default 64
+  fsdp            fully sharded data parallel, for size=L: parameters, EMA and Adam state
+                  (float32; compute stays bfloat16) sharded over all chips of a slice
+                  (mesh data=1, fsdp=-1; slices stay data-parallel, dcn_data=-1), and
+                  transformer blocks rematerialised (remat_policy=dots_with_no_batch_dims_saveable)
   runlocal        batch 8, 3 steps, random encoder at 56 px: checks the config runs on a laptop
 What it should show: loss decreasing, and samples (grids in TensorBoard) that are diverse variations
 keeping the condition's semantics; reconstruction pairing (`--config.data.pairing=reconstruction`)
@@ -17,7 +28,7 @@ should give near-copies instead.
 """
 from semantica_jax import config_lib
 
-_VARIANT_KEYS = {"size", "encoder", "res", "runlocal"}
+_VARIANT_KEYS = {"size", "encoder", "res", "fsdp", "runlocal"}
 
 
 def get_config(arg=None):
@@ -32,12 +43,24 @@ def get_config(arg=None):
     c.encoder.size = str(v.get("encoder", "B"))
     if c.encoder.size not in config_lib.VIT_SIZES:
         raise ValueError(f"semantica_base: encoder={c.encoder.size!r}; expected one of {sorted(config_lib.VIT_SIZES)}")
+    # Higher resolutions get extra full-resolution levels in front of the ladder, so the
+    # lowest level stays at or below model.attn_resolution (where the transformer blocks are).
+    channels = list(config_lib.UNET_SIZES[c.model.size]["channels"])
+    while c.data.image_size // 2 ** (len(channels) - 1) > c.model.attn_resolution:
+        channels.insert(0, channels[0])
+    c.model.channels = tuple(channels)
     c.encoder.image_size = 224
     c.model.dtype = "bfloat16"
     c.optimizer.learning_rate = 1e-4
     c.optimizer.warmup_steps = 5_000
     c.optimizer.ema_decay = 0.9999
     c.train.num_steps = 500_000
+
+    if v.get("fsdp"):
+        c.mesh.data, c.mesh.fsdp, c.mesh.model = 1, -1, 1
+        c.mesh.dcn_data, c.mesh.dcn_fsdp, c.mesh.dcn_model = -1, 1, 1
+        c.model.remat = True
+        c.model.remat_policy = "dots_with_no_batch_dims_saveable"
 
     if v.get("runlocal"):
         c.batch_size = 8

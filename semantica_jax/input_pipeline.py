@@ -3,9 +3,10 @@
 Reads the page records described in `data_pipeline.shards` (one `tf.train.Example` per page)
 and yields batches of pairs of images of the *same* page:
 
-  files (this process's share) -> [seeded file-order shuffle] -> interleaved TFRecord reads
-  -> parse -> keep pages with >= min_images_per_page images -> [seeded page shuffle]
-  -> [repeat] -> enumerate -> choose (cond, target) indices -> decode only those two images
+  per epoch e: files (this process's share) -> [file-order shuffle, seed (seed, e)]
+  -> interleaved TFRecord reads -> parse -> keep pages with >= min_images_per_page images
+  -> [page shuffle, seed (seed, e)];  epochs concatenated -> enumerate -> [skip start_element]
+  -> choose (cond, target) indices -> decode only those two images
   -> resize -> drop undecodable pairs -> batch -> prefetch
 
 Pairing
@@ -16,10 +17,13 @@ Pairing
 
 Determinism
   The indices are drawn with stateless randomness keyed by ``[seed, n]`` where n is the
-  element's position in the (repeated, shuffled) page stream (`Dataset.enumerate` after
-  `repeat`, so epochs get fresh pairs). File and page shuffles are seeded and the dataset runs
-  with ``deterministic=True``, so the whole stream is a function of (files, seed, options).
-  The eval dataset does not shuffle or repeat, so its pairs are identical across runs.
+  element's position in the (repeated, shuffled) page stream (`Dataset.enumerate` after the
+  epochs, so epochs get fresh pairs). Epoch e shuffles files and pages with seeds derived from
+  (seed, e) and `reshuffle_each_iteration=False`, so the stream is a pure function of (files,
+  seed, options): it does not depend on other iterators of the same dataset (TF's reshuffling
+  draws from a generator shared by all of them). `start_element` skips to a position of that
+  stream (exact resume). The eval dataset does not shuffle or repeat, so its pairs are
+  identical across runs.
 
 Images
   Decoded with ``tf.io.decode_image(channels=3, expand_animations=False)`` (grey -> RGB, first
@@ -41,9 +45,27 @@ Batch elements (all numeric, ready for JAX):
   label         int32 [B], -1 when the page has no label
   page_hash     int64 [B], `hash_page_id(page_id)`
   cond_index    int32 [B], target_index int32 [B]: image positions within the page
+  element_index int64 [B]: position of the pair's page in this process's page stream (the
+                `enumerate` counter); the next run resumes exactly at max(element_index) + 1
+                (`start_element`), so pairs dropped for corrupt images never shift the stream.
+With ``config.encoder.cached_tokens=True`` (shards augmented by `semantica_jax.embed_cache`):
+  cond_tokens   float32 [B, T, D]: the frozen encoder's tokens of the condition image
+  cond_pooled   float32 [B, D']: its pooled vector
+
+Cached tokens
+  `semantica_jax.embed_cache` writes shards that mirror the page shards record for record and add
+  `CACHED_TOKEN_FEATURES` (one float16 blob per image) plus an `embed_cache.json` recording the
+  encoder config that produced them. With `cached_tokens` the pipeline parses those features and
+  emits the condition image's tokens (for 'reconstruction' the same index as the target). Every
+  file's first record is checked up front (a file without the features raises naming it), and
+  `create_*_dataset` check the recorded encoder against `config.encoder` (a mismatch names the
+  field).
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +76,15 @@ from data_pipeline import shards
 PAIRINGS = ("pairs", "reconstruction")
 PAGE_HASH_BUCKETS = 2**62
 _MAX_INTERLEAVE = 16  # files read concurrently
+_MAX_EPOCHS = 2**62  # "repeat forever"
+# Features added to page records by semantica_jax.embed_cache (one value per image of the page).
+CACHED_TOKEN_FEATURES: dict[str, Any] = {
+    "tokens": tf.io.RaggedFeature(tf.string),  # float16 [T, D] blob per image, little-endian
+    "pooled": tf.io.RaggedFeature(tf.string),  # float16 [D'] blob per image
+    "token_shape": tf.io.FixedLenFeature([2], tf.int64),  # [T, D]
+    "pooled_shape": tf.io.FixedLenFeature([1], tf.int64),  # [D']
+}
+EMBED_CACHE_STATS = "embed_cache.json"  # next to the augmented shards
 
 
 # --------------------------------------------------------------------------- files
@@ -128,6 +159,8 @@ def make_pair_dataset(
     cache_decoded: bool = False,
     drop_remainder: bool = True,
     file_shuffle: bool = True,
+    start_element: int = 0,
+    cached_tokens: bool = False,
 ) -> tf.data.Dataset:
     """Batches of (cond, target) pairs from page shard `files` (see module docstring).
 
@@ -148,6 +181,11 @@ def make_pair_dataset(
         (for small datasets that fit, e.g. Fashion-MNIST; saves re-decoding every epoch).
       drop_remainder: drop the last partial batch (static batch shape for jit).
       file_shuffle: shuffle the file order (seeded, each epoch) when `shuffle` is set.
+      start_element: skip this many elements of the page stream before pairing (exact resume:
+        pass the `element_index` after the last one consumed). Skipped pages are read and parsed
+        but never decoded, so skipping is cheap (no image decoding).
+      cached_tokens: also emit `cond_tokens` / `cond_pooled` from embed_cache shards (every
+        file's first record is checked for the features; see `check_cached_token_files`).
     """
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
@@ -167,32 +205,52 @@ def make_pair_dataset(
     files = list(files)
     if not files:
         raise ValueError("make_pair_dataset got an empty list of files")
+    token_shape, pooled_shape = check_cached_token_files(files) if cached_tokens else (None, None)
     parallel = tf.data.AUTOTUNE if num_parallel_calls == -1 else num_parallel_calls
 
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle and file_shuffle and len(files) > 1:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    if len(files) > 1:
-        ds = ds.interleave(
-            tf.data.TFRecordDataset,
-            cycle_length=min(len(files), _MAX_INTERLEAVE),
-            block_length=1,
-            num_parallel_calls=parallel,
-            deterministic=True,
-        )
-    else:
-        ds = ds.flat_map(tf.data.TFRecordDataset)
-    ds = ds.map(_parse, num_parallel_calls=parallel, deterministic=True)
-    ds = ds.filter(lambda page: page["num_images"] >= min_images_per_page)
-    if cache_decoded:
-        ds = ds.map(_decode_all, num_parallel_calls=parallel, deterministic=True)
-        ds = ds.ignore_errors(log_warning=True)
-        ds = ds.cache()
-    if shuffle:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+    def read_pages(file_order: tf.data.Dataset) -> tf.data.Dataset:
+        if len(files) > 1:
+            ds = file_order.interleave(
+                tf.data.TFRecordDataset,
+                cycle_length=min(len(files), _MAX_INTERLEAVE),
+                block_length=1,
+                num_parallel_calls=parallel,
+                deterministic=True,
+            )
+        else:
+            ds = file_order.flat_map(tf.data.TFRecordDataset)
+        ds = ds.map(functools.partial(_parse, cached_tokens=cached_tokens),
+                    num_parallel_calls=parallel, deterministic=True)
+        return ds.filter(lambda page: page["num_images"] >= min_images_per_page)
+
+    file_names = tf.data.Dataset.from_tensor_slices(files)
+    cached = None
+    if cache_decoded:  # decoded once, in file order; the per-epoch shuffle below reorders pages
+        cached = read_pages(file_names).map(_decode_all, num_parallel_calls=parallel, deterministic=True)
+        cached = cached.ignore_errors(log_warning=True).cache()
+
+    def epoch_pages(epoch: tf.Tensor) -> tf.data.Dataset:
+        # Shuffles are seeded by (seed, epoch) and never reshuffled by the iterator, so the
+        # stream does not depend on how many iterators of this dataset were made before (TF's
+        # reshuffle_each_iteration draws from a generator shared by all of a dataset's iterators).
+        if cached is not None:
+            ds = cached
+        else:
+            order = file_names
+            if shuffle and file_shuffle and len(files) > 1:
+                order = order.shuffle(len(files), seed=_epoch_seed(seed, epoch, 0),
+                                      reshuffle_each_iteration=False)
+            ds = read_pages(order)
+        if shuffle:
+            ds = ds.shuffle(shuffle_buffer, seed=_epoch_seed(seed, epoch, 1),
+                            reshuffle_each_iteration=False)
+        return ds
+
+    epochs = tf.data.Dataset.range(_MAX_EPOCHS if repeat else 1)
+    ds = epochs.flat_map(epoch_pages)
     ds = ds.enumerate()
+    if start_element:
+        ds = ds.skip(int(start_element))
 
     def make_pair(counter: tf.Tensor, page: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         cond_index, target_index = _choose_indices(seed, counter, page["num_images"], pairing)
@@ -206,14 +264,19 @@ def make_pair_dataset(
             target_img = (
                 cond_img if pairing == "reconstruction" else _decode(page["images"][target_index])
             )
-        return {
+        pair = {
             "target": _resize(target_img, image_size) * 2.0 - 1.0,
             "cond": _resize(cond_img, cond_image_size),
             "label": tf.cast(page["label"], tf.int32),
             "page_hash": page["page_hash"],
             "cond_index": cond_index,
             "target_index": target_index,
+            "element_index": counter,
         }
+        if cached_tokens:
+            pair["cond_tokens"] = _decode_blob(page["tokens"][cond_index], token_shape)
+            pair["cond_pooled"] = _decode_blob(page["pooled"][cond_index], pooled_shape)
+        return pair
 
     ds = ds.map(make_pair, num_parallel_calls=parallel, deterministic=True)
     ds = ds.ignore_errors(log_warning=True)
@@ -232,6 +295,7 @@ def create_train_dataset(
     process_count: int,
     batch_size: int,
     seed: int | None = None,
+    start_element: int = 0,
 ) -> tf.data.Dataset:
     """Endless, shuffled training pairs of this process from ``config.data.train_files``.
 
@@ -244,10 +308,13 @@ def create_train_dataset(
     files = files_for_process(
         list_shard_files(config.data.train_files), process_index, process_count
     )
+    if config.encoder.cached_tokens:
+        check_cache_identity(files, config.encoder)
     kwargs = _common_kwargs(config)
     if seed is not None:
         kwargs["seed"] = int(seed)
-    return make_pair_dataset(files, batch_size=batch_size, shuffle=True, repeat=True, **kwargs)
+    return make_pair_dataset(files, batch_size=batch_size, shuffle=True, repeat=True,
+                             start_element=start_element, **kwargs)
 
 
 def create_eval_dataset(
@@ -263,6 +330,8 @@ def create_eval_dataset(
     files = files_for_process(
         list_shard_files(config.data.eval_files), process_index, process_count
     )
+    if config.encoder.cached_tokens:
+        check_cache_identity(files, config.encoder)
     kwargs = _common_kwargs(config)
     kwargs["cache_decoded"] = False  # a single pass gains nothing from a cache
     return make_pair_dataset(files, batch_size=batch_size, shuffle=False, repeat=False, **kwargs)
@@ -284,17 +353,29 @@ def _common_kwargs(config: Any) -> dict[str, Any]:
         prefetch=int(d.prefetch),
         cache_decoded=bool(d.cache_decoded),
         file_shuffle=bool(d.file_shuffle),
+        cached_tokens=bool(config.encoder.cached_tokens),
     )
 
 
-def _parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+def _parse(serialized: tf.Tensor, cached_tokens: bool = False) -> dict[str, tf.Tensor]:
     page = shards.parse_page(serialized)
-    return {
+    out = {
         "images": page["images"],
         "num_images": page["num_images"],
         "label": page["label"],
         "page_hash": hash_page_id(page["page_id"]),
     }
+    if cached_tokens:
+        cached = tf.io.parse_single_example(
+            serialized, {k: CACHED_TOKEN_FEATURES[k] for k in ("tokens", "pooled")}
+        )
+        out.update(tokens=cached["tokens"], pooled=cached["pooled"])
+    return out
+
+
+def _epoch_seed(seed: int, epoch: tf.Tensor, stream: int) -> tf.Tensor:
+    """A distinct int64 shuffle seed per (seed, epoch, stream)."""
+    return tf.constant(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64) * 2 + stream
 
 
 def _choose_indices(
@@ -354,3 +435,103 @@ def _cached_image(page: dict[str, tf.Tensor], index: tf.Tensor) -> tf.Tensor:
     start, stop = page["offsets"][index], page["offsets"][index + 1]
     image = tf.reshape(page["pixels"][start:stop], page["shapes"][index])
     return tf.image.convert_image_dtype(image, tf.float32)
+
+
+# --------------------------------------------------------------------------- cached encoder tokens
+
+# config.encoder fields that determine the cached tokens (the cache is always computed in float32,
+# so `encoder.dtype` is not among them).
+CACHE_IDENTITY_FIELDS = (
+    "family", "size", "width", "depth", "num_heads", "mlp_dim", "ffn", "patch_size", "image_size",
+    "pretrain_image_size", "pos_interpolation", "num_registers", "layerscale_init", "ln_eps",
+    "activation", "projection_dim", "mean", "std",
+)
+
+
+def cached_tokens_identity(encoder_config: Any) -> dict[str, Any]:
+    """What identifies the tokens an encoder config produces (JSON-able; pure config, no JAX):
+    the `CACHE_IDENTITY_FIELDS`, the weights (absolute path and size, or the builtin name) and,
+    for a random init, its seed."""
+    ident: dict[str, Any] = {}
+    for key in CACHE_IDENTITY_FIELDS:
+        value = encoder_config[key]
+        ident[key] = [float(v) for v in value] if isinstance(value, (list, tuple)) else value
+    weights = encoder_config.weights
+    if weights and os.path.exists(weights):
+        ident["weights"] = os.path.abspath(weights)
+        ident["weights_bytes"] = os.path.getsize(weights)
+    else:
+        ident["weights"] = weights
+        ident["weights_bytes"] = None
+    ident["init_seed"] = None if weights else int(encoder_config.init_seed)
+    return ident
+
+
+def check_cached_token_files(files: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Checks the first record of every file for `CACHED_TOKEN_FEATURES`; returns the common
+    ([T, D], [D']) token and pooled shapes.
+
+    Raises:
+      ValueError: naming the first file whose records lack the features (not built by
+        `python -m semantica_jax.embed_cache`) or whose shapes differ from the first file's.
+    """
+    shapes: tuple[list[int], list[int]] | None = None
+    first_file = None
+    for path in files:
+        for record in tf.data.TFRecordDataset(path).take(1):
+            example = tf.train.Example.FromString(record.numpy())
+            feats = example.features.feature
+            missing = [k for k in CACHED_TOKEN_FEATURES if k not in feats]
+            if missing:
+                raise ValueError(
+                    f"{path} has no cached encoder tokens (features {missing} missing) but "
+                    "config.encoder.cached_tokens=True: build them with `python -m "
+                    "semantica_jax.embed_cache --config=... --src=... --out_dir=...` and point "
+                    "config.data.*_files at the output"
+                )
+            found = (list(feats["token_shape"].int64_list.value),
+                     list(feats["pooled_shape"].int64_list.value))
+            if shapes is None:
+                shapes, first_file = found, path
+            elif found != shapes:
+                raise ValueError(
+                    f"{path}: cached token shapes {found} differ from {shapes} in {first_file}"
+                )
+    if shapes is None:
+        raise ValueError(f"no records in any of {len(files)} cached-token files ({files[:3]})")
+    return shapes
+
+
+def check_cache_identity(files: Sequence[str], encoder_config: Any) -> None:
+    """Checks the `embed_cache.json` next to each file against `config.encoder`.
+
+    Raises:
+      ValueError: naming the directory when it has no `embed_cache.json`, or the fields whose
+        recorded value differs from `config.encoder` (tokens from another encoder).
+    """
+    want = cached_tokens_identity(encoder_config)
+    for directory in sorted({os.path.dirname(os.path.abspath(f)) for f in files}):
+        path = os.path.join(directory, EMBED_CACHE_STATS)
+        if not tf.io.gfile.exists(path):
+            raise ValueError(
+                f"{directory} has no {EMBED_CACHE_STATS}: these shards were not built by "
+                "semantica_jax.embed_cache, so their tokens cannot be checked against "
+                "config.encoder"
+            )
+        with tf.io.gfile.GFile(path) as f:
+            recorded = json.load(f)["encoder"]
+        diff = [k for k in sorted(set(want) | set(recorded)) if want.get(k) != recorded.get(k)]
+        if diff:
+            details = ", ".join(
+                f"{k}: cache {recorded.get(k)!r} vs config {want.get(k)!r}" for k in diff
+            )
+            raise ValueError(
+                f"cached tokens in {directory} were computed with another encoder than "
+                f"config.encoder ({details}); rebuild them with semantica_jax.embed_cache"
+            )
+
+
+def _decode_blob(blob: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
+    """A little-endian float16 blob -> float32 tensor of static `shape`."""
+    values = tf.io.decode_raw(blob, tf.float16, little_endian=True)
+    return tf.cast(tf.reshape(values, shape), tf.float32)

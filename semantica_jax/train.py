@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -23,8 +25,9 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
+from jax.experimental import multihost_utils
 
-from semantica_jax import checkpointing, diffusion, input_pipeline, sharding
+from semantica_jax import checkpointing, config_lib, diffusion, input_pipeline, sharding
 from semantica_jax import encoder as encoder_lib
 from semantica_jax import images as images_lib
 from semantica_jax.models import unet as unet_lib
@@ -45,7 +48,7 @@ class TrainMetrics(metrics.Collection):
     loss: metrics.Average.from_output("loss")
     grad_norm: metrics.Average.from_output("grad_norm")
     learning_rate: metrics.LastValue.from_output("learning_rate")
-    skipped_steps: metrics.Average.from_output("nonfinite")  # fraction of non-finite steps
+    nonfinite_fraction: metrics.Average.from_output("nonfinite")  # steps skipped as non-finite
 
 
 @dataclasses.dataclass
@@ -95,6 +98,16 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
 
 
 # ============================================================================ the update step
+def condition(encoder: encoder_lib.FrozenEncoder, enc_params, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """The frozen encoder's (tokens, pooled) for the batch's condition images: read from the
+    batch when it carries cached tokens (config.encoder.cached_tokens), else encoded in-graph."""
+    if "cond_tokens" in batch:
+        return (jax.lax.stop_gradient(batch["cond_tokens"].astype(jnp.float32)),
+                jax.lax.stop_gradient(batch["cond_pooled"].astype(jnp.float32)))
+    return encoder.encode(enc_params, batch["cond"])
+
+
+
 def make_train_step(config, unet: nn.Module, encoder: encoder_lib.FrozenEncoder, tx, lr_schedule):
     dc = config.diffusion
     schedule_fn = diffusion.schedule_from_config(dc, config.data.image_size)
@@ -104,7 +117,7 @@ def make_train_step(config, unet: nn.Module, encoder: encoder_lib.FrozenEncoder,
         k_t, k_eps, k_drop, k_dropout = jax.random.split(rng, 4)
         x = batch["target"]
         b = x.shape[0]
-        tokens, pooled = encoder.encode(enc_params, batch["cond"])  # stop_gradient inside
+        tokens, pooled = condition(encoder, enc_params, batch)  # frozen: stop_gradient
         t = jax.random.uniform(k_t, (b,))
         logsnr = schedule_fn(t)
         eps = jax.random.normal(k_eps, x.shape, x.dtype)
@@ -158,7 +171,7 @@ def make_eval_step(config, unet, encoder):
     def eval_step(ema_params, enc_params, batch, rng):
         x = batch["target"]
         b = x.shape[0]
-        tokens, pooled = encoder.encode(enc_params, batch["cond"])
+        tokens, pooled = condition(encoder, enc_params, batch)
         t = (jnp.arange(b, dtype=jnp.float32) + 0.5) / b
         logsnr = schedule_fn(t)
         eps = jax.random.normal(rng, x.shape, x.dtype)
@@ -174,14 +187,16 @@ def make_eval_step(config, unet, encoder):
 
 
 def make_sample_fn(config, unet, encoder):
-    """(ema_params, enc_params, cond_images [N,...], rng) -> samples [N * samples_per_condition, H, W, 3]."""
+    """(ema_params, enc_params, conds, rng) -> samples [N * samples_per_condition, H, W, 3].
+
+    `conds` holds `cond` images [N, S, S, 3] (and `cond_tokens`/`cond_pooled` when cached)."""
     sc, dc = config.sample, config.diffusion
     size = config.data.image_size
     schedule_fn = diffusion.schedule_from_config(dc, size)
     per = int(sc.samples_per_condition)
 
-    def sample_fn(ema_params, enc_params, cond_images, rng):
-        tokens, pooled = encoder.encode(enc_params, cond_images)
+    def sample_fn(ema_params, enc_params, conds, rng):
+        tokens, pooled = condition(encoder, enc_params, conds)
         tokens, pooled = jnp.repeat(tokens, per, axis=0), jnp.repeat(pooled, per, axis=0)
 
         def model_fn(z, logsnr, cond_mask):
@@ -221,55 +236,121 @@ def _validate(config) -> None:
 
 
 def _is_step(step: int, every: int, last: int) -> bool:
-    return step == last or (every > 0 and step % every == 0)
+    """Every `every` steps and at the last step; never when every <= 0."""
+    return every > 0 and (step == last or step % every == 0)
+
+
+_DEVICE_KEYS = ("cond", "target", "cond_tokens", "cond_pooled")
 
 
 def _device_batch(batch: dict) -> dict:
-    return {"cond": batch["cond"], "target": batch["target"]}
+    """The part of a host batch the step consumes (ids and labels stay on the host)."""
+    return {k: batch[k] for k in _DEVICE_KEYS if k in batch}
 
 
-# ============================================================================ main entry
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainOutcome:
-    """Trains (resuming from `workdir` if it holds checkpoints), writes metrics, grids and checkpoints."""
+# ============================================================================ the trainer's pieces
+@dataclasses.dataclass
+class Trainer:
+    """A config's models, optimizer and sharded abstract state on a mesh; holds no data.
+
+    Built without touching device memory, so the same object serves training, restoring onto a
+    new topology, and ahead-of-time compilation for hardware this host does not have.
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    encoder: encoder_lib.FrozenEncoder
+    unet: nn.Module
+    tx: optax.GradientTransformation
+    lr_schedule: Any
+    abstract_state: TrainState  # ShapeDtypeStructs with shardings
+    state_sharding: TrainState
+    abstract_enc_params: Any  # ShapeDtypeStructs with shardings
+    batch_sharding: jax.sharding.NamedSharding
+    token_shapes: tuple  # (tokens, pooled) ShapeDtypeStructs for a batch of 1
+    _init_state: Any
+
+    def context(self):
+        """Mesh + logical axis rules, needed while tracing model code."""
+        return _MeshRules(self.mesh, self.rules)
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+
+    def abstract_batch(self) -> dict:
+        c, sh = self.config, self.batch_sharding
+        size, cond, b = c.data.image_size, c.encoder.image_size, c.batch_size
+        batch = {
+            "cond": jax.ShapeDtypeStruct((b, cond, cond, 3), jnp.float32, sharding=sh),
+            "target": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=sh),
+        }
+        if c.encoder.cached_tokens:
+            tokens, pooled = self.token_shapes
+            batch["cond_tokens"] = jax.ShapeDtypeStruct((b,) + tokens.shape[1:], jnp.float32, sharding=sh)
+            batch["cond_pooled"] = jax.ShapeDtypeStruct((b,) + pooled.shape[1:], jnp.float32, sharding=sh)
+        return batch
+
+    def init_state(self, rng: jax.Array) -> TrainState:
+        """A fresh state, born sharded (jit with out_shardings)."""
+        with self.context():
+            return jax.jit(lambda r: nn.meta.unbox(self._init_state(r)),
+                           out_shardings=self.state_sharding)(rng)
+
+    def load_encoder_params(self):
+        with self.context():
+            return self.encoder.load_params(self.mesh, self.rules)
+
+    def lower_train_step(self) -> jax.stages.Lowered:
+        """The jitted, sharded, state-donating update step, lowered on abstract arguments."""
+        enc_sh = jax.tree.map(lambda x: x.sharding, self.abstract_enc_params)
+        with self.context():
+            return jax.jit(
+                make_train_step(self.config, self.unet, self.encoder, self.tx, self.lr_schedule),
+                in_shardings=(self.state_sharding, enc_sh, self.batch_sharding),
+                out_shardings=(self.state_sharding, None, None),
+                donate_argnums=(0,),
+            ).lower(self.abstract_state, self.abstract_enc_params, self.abstract_batch())
+
+
+class _MeshRules:
+    def __init__(self, mesh, rules):
+        self._mesh_cm = jax.set_mesh(mesh)
+        self._rules_cm = nn.logical_axis_rules(rules)
+
+    def __enter__(self):
+        self._mesh_cm.__enter__()
+        self._rules_cm.__enter__()
+
+    def __exit__(self, *exc):
+        self._rules_cm.__exit__(*exc)
+        self._mesh_cm.__exit__(*exc)
+
+
+def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Trainer:
+    """Models, optimizer and the sharded abstract TrainState for `config` on `mesh`.
+
+    `mesh` defaults to `sharding.create_mesh(config.mesh)` over this host's devices; pass a mesh
+    of compile-only devices (jax.experimental.topologies) to compile for other hardware.
+    """
     _validate(config)
-    tc = config.train
-    num_steps = int(tc.num_steps)
-    is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-
-    # ------------------------------------------------------------------ mesh
-    mesh = sharding.create_mesh(config.mesh)
+    mesh = sharding.create_mesh(config.mesh) if mesh is None else mesh
     rules = sharding.axis_rules(config)
-    local_batch_size = sharding.per_process_batch_size(config.batch_size, mesh)
-    logging.info("Mesh %s over %d devices (%d processes); global batch %d, per process %d",
-                 dict(mesh.shape), mesh.size, jax.process_count(), config.batch_size, local_batch_size)
-    batch_sh = sharding.batch_sharding(mesh)
-
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=not is_main, asynchronous=True
-    )
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
-        writer.write_hparams(_flat_hparams(config))
-
-    # ------------------------------------------------------------------ models
     encoder = encoder_lib.FrozenEncoder.from_config(config.encoder)
     unet = unet_lib.unet_from_config(config.model)
-    tx, lr_schedule = make_optimizer(config.optimizer, num_steps)
-    size = config.data.image_size
-    cond_size = config.encoder.image_size
+    tx, lr_schedule = make_optimizer(config.optimizer, int(config.train.num_steps))
+    size, cond_size = config.data.image_size, config.encoder.image_size
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        enc_params = encoder.load_params(mesh, rules)
-        token_shape = jax.eval_shape(
-            lambda p, c: encoder.encode(p, c), enc_params,
-            jax.ShapeDtypeStruct((1, cond_size, cond_size, 3), jnp.float32),
+    # No eager op may run inside the mesh context: the mesh may hold compile-only devices.
+    abstract_enc = encoder.abstract_params(mesh, rules)
+    with _MeshRules(mesh, rules):
+        tokens, pooled = jax.eval_shape(
+            encoder.encode, abstract_enc, jax.ShapeDtypeStruct((1, cond_size, cond_size, 3), jnp.float32)
         )
 
         def init_state(rng):
             init_rng, state_rng = jax.random.split(rng)
-            tokens, pooled = token_shape
             variables = unet.init(
                 {"params": init_rng, "dropout": init_rng},
                 jnp.zeros((1, size, size, 3)), jnp.zeros((1,)),
@@ -282,62 +363,108 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params), rng=state_rng,
             )
 
-        # ------------------------------------------------------------------ sharded init
-        rng = jax.random.PRNGKey(config.seed)
-        abstract_boxed = jax.eval_shape(init_state, rng)
+        abstract_boxed = jax.eval_shape(init_state, jax.ShapeDtypeStruct((2,), jnp.uint32))
         state_sh = sharding.logical_to_shardings(abstract_boxed, mesh, rules)
-        abstract_state = checkpointing.abstract_like(sharding.strip_boxes(abstract_boxed), state_sh)
-        num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
-        logging.info("Denoiser: %.2f M params; encoder tokens %s", num_params / 1e6, token_shape[0].shape)
+    abstract_state = checkpointing.abstract_like(sharding.strip_boxes(abstract_boxed), state_sh)
+    return Trainer(
+        config=config, mesh=mesh, rules=rules, encoder=encoder, unet=unet, tx=tx,
+        lr_schedule=lr_schedule, abstract_state=abstract_state, state_sharding=state_sh,
+        abstract_enc_params=abstract_enc, batch_sharding=sharding.batch_sharding(mesh),
+        token_shapes=(tokens, pooled), _init_state=init_state,
+    )
 
-        # ------------------------------------------------------------------ restore or init
-        ckpt = checkpointing.Checkpointer(
-            os.path.join(workdir, "checkpoints"), max_to_keep=tc.max_to_keep,
-            async_save=tc.async_checkpointing,
-        )
-        latest = ckpt.latest_step()
-        if latest is not None:
-            state = ckpt.restore(latest, abstract_state)
-            checkpointing.log_restore(latest, ckpt.directory)
-        else:
-            state = jax.jit(lambda r: nn.meta.unbox(init_state(r)), out_shardings=state_sh)(rng)
-        start_step = int(jax.device_get(state.step))
 
-        # ------------------------------------------------------------------ compile the step
-        enc_sh = jax.tree.map(lambda x: x.sharding, enc_params)
-        abstract_batch = {
-            "cond": jax.ShapeDtypeStruct((config.batch_size, cond_size, cond_size, 3), jnp.float32, sharding=batch_sh),
-            "target": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
-        }
-        t0 = time.time()
-        train_step = jax.jit(
-            make_train_step(config, unet, encoder, tx, lr_schedule),
-            in_shardings=(state_sh, enc_sh, batch_sh),
-            out_shardings=(state_sh, None, None),
-            donate_argnums=(0,),
-        ).lower(abstract_state, enc_params, abstract_batch).compile()
-        compile_s = time.time() - t0
-        logging.info("Compiled the train step in %.1f s", compile_s)
-        eval_step = jax.jit(make_eval_step(config, unet, encoder))
-        sample_fn = jax.jit(make_sample_fn(config, unet, encoder))
+# ============================================================================ main entry
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainOutcome:
+    """Trains (resuming from `workdir` if it holds checkpoints), writes metrics, grids and checkpoints.
+
+    Raises config_lib.ConfigError (one line naming the field or path) for bad configs, sizes and
+    missing data before anything is compiled; checkpointing.RestoreError when a checkpoint exists
+    but cannot be restored; NonFiniteLossError on a non-finite loss (train.nonfinite='raise').
+    On SIGTERM (or a multi-host preemption sync point) it checkpoints the current step, waits for
+    the save and returns with summary['preempted'] = True.
+    """
+    tc = config.train
+    num_steps = int(tc.num_steps)
+    pid, nproc = jax.process_index(), jax.process_count()
+    is_main = pid == 0
+
+    # ------------------------------------------------------------------ preflight: config, sizes, files
+    try:
+        trainer = build_trainer(config)
+        local_batch_size = sharding.per_process_batch_size(config.batch_size, trainer.mesh)
+        train_files = input_pipeline.files_for_process(
+            input_pipeline.list_shard_files(config.data.train_files), pid, nproc)
+        if config.data.eval_files:
+            input_pipeline.files_for_process(
+                input_pipeline.list_shard_files(config.data.eval_files), pid, nproc)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise config_lib.ConfigError(str(e)) from e
+    mesh = trainer.mesh
+    logging.info("Mesh %s over %d devices (%d processes); global batch %d, per process %d; %d train files here",
+                 dict(mesh.shape), mesh.size, nproc, config.batch_size, local_batch_size, len(train_files))
+    num_params = trainer.num_params
+    logging.info("Denoiser: %.2f M params", num_params / 1e6)
+    os.makedirs(workdir, exist_ok=True)
+
+    # ------------------------------------------------------------------ frozen encoder weights
+    try:
+        enc_params = trainer.load_encoder_params()
+    except (ValueError, FileNotFoundError) as e:
+        raise config_lib.ConfigError(str(e)) from e
+
+    # ------------------------------------------------------------------ restore or init
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=tc.max_to_keep,
+        async_save=tc.async_checkpointing,
+    )
+    latest = ckpt.latest_step()
+    data_seed, start_element = int(config.seed), 0
+    if latest is not None:
+        where = os.path.join(ckpt.directory, str(latest))
+        try:
+            changed = checkpointing.check_config_compatible(
+                ckpt.restore_config(latest), config, where=where, allow_change=tc.allow_config_change)
+        except ValueError as e:
+            raise config_lib.ConfigError(str(e)) from e
+        if changed:
+            logging.warning("Resuming with changed config fields (allowed): %s", changed)
+        state = ckpt.restore(latest, trainer.abstract_state)
+        data_seed, start_element = _resume_data_position(ckpt.restore_data(latest), config, latest, nproc, pid)
+        checkpointing.log_restore(latest, ckpt.directory)
+    else:
+        state = trainer.init_state(jax.random.PRNGKey(config.seed))
+    start_step = int(jax.device_get(state.step))
 
     # ------------------------------------------------------------------ input
-    # TODO(issue 8): the data order is re-seeded on resume (no replay from the start), not restored exactly.
-    data_seed = config.seed if start_step == 0 else int(np.random.SeedSequence([config.seed, start_step]).generate_state(1)[0])
     train_ds = input_pipeline.create_train_dataset(
-        config, process_index=jax.process_index(), process_count=jax.process_count(),
-        batch_size=local_batch_size, seed=data_seed,
+        config, process_index=pid, process_count=nproc, batch_size=local_batch_size,
+        seed=data_seed, start_element=start_element,
     )
     train_iter = iter(train_ds.as_numpy_iterator())
     eval_ds = None
     if config.data.eval_files:
         eval_ds = input_pipeline.create_eval_dataset(
-            config, process_index=jax.process_index(), process_count=jax.process_count(),
-            batch_size=local_batch_size,
-        )
+            config, process_index=pid, process_count=nproc, batch_size=local_batch_size)
     grid_conds = _grid_conditions(config, eval_ds, train_ds)
+    ids_log = _DataIdsLog(workdir, pid, start_step) if tc.record_data_ids else None
 
-    # ------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------ compile the step
+    t0 = time.time()
+    train_step = trainer.lower_train_step().compile()
+    compile_s = time.time() - t0
+    logging.info("Compiled the train step in %.1f s", compile_s)
+    # Traced at their first call, inside trainer.context() (see the loop).
+    eval_step = jax.jit(make_eval_step(config, trainer.unet, trainer.encoder))
+    sample_fn = jax.jit(make_sample_fn(config, trainer.unet, trainer.encoder))
+
+    # ------------------------------------------------------------------ writers and hooks
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+        if start_step == 0:
+            writer.write_hparams(_flat_hparams(config))
     hooks = []
     report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_steps=tc.log_every)
     if is_main:
@@ -348,68 +475,105 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 logdir=workdir, profile_duration_ms=None,
             ))
     writer.write_scalars(start_step, {"compile_seconds": compile_s})
+
+    # ------------------------------------------------------------------ loop
     train_metrics = None
     pending_finite: list[tuple[int, jax.Array]] = []
     last_checkpoint = latest
+    skipped_steps = 0
+    next_element = start_element
     t_log, steps_since_log = time.time(), 0
     eval_result: dict = {}
     last_loss = float("nan")
+    preempted = False
 
     def check_finite():
+        nonlocal skipped_steps
         for s, ok in pending_finite:
-            if not bool(jax.device_get(ok)) and tc.nonfinite == "raise":
+            if bool(jax.device_get(ok)):
+                continue
+            if tc.nonfinite == "raise":
                 raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {s}; the state was not updated by it; "
+                    f"non-finite loss or gradient at step {s} (the state was not updated by it); "
                     f"last good checkpoint: {last_checkpoint if last_checkpoint is not None else 'none'} "
-                    f"in {ckpt.directory} (set config.train.nonfinite='skip' to skip such steps)"
+                    f"in {ckpt.directory}; set config.train.nonfinite='skip' to skip such steps"
                 )
+            skipped_steps += 1
         pending_finite.clear()
+
+    def save(step, force=False):
+        nonlocal last_checkpoint
+        check_finite()
+        positions = [next_element]
+        if nproc > 1:
+            positions = [int(p) for p in multihost_utils.process_allgather(np.int64(next_element))]
+        data = {"process_count": nproc, "positions": positions, "seed": data_seed,
+                "local_batch_size": local_batch_size}
+        ckpt.save(step, state, config, data=data, force=force)
+        last_checkpoint = step
 
     if start_step >= num_steps:
         logging.info("Nothing to train: checkpoint step %d >= num_steps %d", start_step, num_steps)
-    for step in range(start_step + 1, num_steps + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            batch = sharding.make_global_batch(_device_batch(next(train_iter)), mesh)
-            state, step_metrics, finite = train_step(state, enc_params, batch)
-        pending_finite.append((step, finite))
-        train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-        steps_since_log += 1
-        for h in hooks:
-            h(step)
+    with _PreemptionWatch() as preemption:
+        for step in range(start_step + 1, num_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                host_batch = next(train_iter)
+                batch = sharding.make_global_batch(_device_batch(host_batch), mesh)
+                state, step_metrics, finite = train_step(state, enc_params, batch)
+            next_element = int(host_batch["element_index"].max()) + 1
+            if ids_log is not None:
+                ids_log.write(step, host_batch)
+            pending_finite.append((step, finite))
+            train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+            steps_since_log += 1
+            for h in hooks:
+                h(step)
 
-        if _is_step(step, tc.log_every, num_steps):
-            check_finite()
-            scalars = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
-            now = time.time()
-            scalars["train/examples_per_sec"] = config.batch_size * steps_since_log / max(now - t_log, 1e-9)
-            t_log, steps_since_log = now, 0
-            last_loss = scalars["train/loss"]
-            writer.write_scalars(step, scalars)
-            train_metrics = None
+            if _is_step(step, tc.log_every, num_steps):
+                check_finite()
+                scalars = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
+                now = time.time()
+                scalars["train/examples_per_sec"] = config.batch_size * steps_since_log / max(now - t_log, 1e-9)
+                scalars["train/skipped_steps_total"] = skipped_steps
+                t_log, steps_since_log = now, 0
+                last_loss = scalars["train/loss"]
+                writer.write_scalars(step, scalars)
+                train_metrics = None
 
-        if _is_step(step, tc.checkpoint_every, num_steps):
-            check_finite()
-            with report.timed("checkpoint"):
-                ckpt.save(step, state, config)
-            last_checkpoint = step
+            if _is_step(step, tc.checkpoint_every, num_steps):
+                with report.timed("checkpoint"):
+                    save(step)
 
-        if eval_ds is not None and _is_step(step, tc.eval_every, num_steps):
-            with report.timed("eval"):
-                eval_result = _evaluate(eval_step, state, enc_params, eval_ds, tc.eval_batches, mesh)
-            writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_result.items()})
+            if eval_ds is not None and _is_step(step, tc.eval_every, num_steps):
+                with report.timed("eval"), trainer.context():
+                    eval_result = _evaluate(eval_step, state, enc_params, eval_ds, tc.eval_batches, mesh)
+                writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_result.items()})
 
-        if _is_step(step, tc.sample_every, num_steps):
-            with report.timed("sample"):
-                _write_grid(sample_fn, state, enc_params, grid_conds, config, workdir, writer, step, is_main)
+            if _is_step(step, tc.sample_every, num_steps):
+                with report.timed("sample"), trainer.context():
+                    _write_grid(sample_fn, state, enc_params, grid_conds, config, workdir, writer, step, is_main)
+
+            if step < num_steps and preemption.reached(step):
+                if last_checkpoint != step:
+                    save(step, force=True)
+                ckpt.wait_until_finished()
+                logging.warning("Preempted: checkpoint for step %d saved in %s; exiting cleanly",
+                                step, ckpt.directory)
+                preempted = True
+                break
 
     ckpt.close()
+    if ids_log is not None:
+        ids_log.close()
     writer.flush()
 
     final_step = int(jax.device_get(state.step))
     summary = {
         "step": final_step,
         "start_step": start_step,
+        "preempted": preempted,
         "train_loss": last_loss,
+        "skipped_steps": skipped_steps,
         "compile_seconds": compile_s,
         "denoiser_params": num_params,
         **{f"eval_{k}": v for k, v in eval_result.items()},
@@ -419,6 +583,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             json.dump(summary, f, indent=2)
     writer.close()
     return TrainOutcome(state=state, start_step=start_step, summary=summary)
+
+
+def _resume_data_position(data: dict | None, config, step: int, nproc: int, pid: int) -> tuple[int, int]:
+    """(seed, start_element) for the input pipeline of a resumed run."""
+    if data is not None and data["process_count"] == nproc and data["seed"] == int(config.seed):
+        return int(config.seed), int(data["positions"][pid])
+    reason = ("the checkpoint has no data position" if data is None else
+              f"the process count changed ({data['process_count']} -> {nproc}), so files map to processes differently"
+              if data["process_count"] != nproc else "config.seed changed")
+    seed = int(np.random.SeedSequence([int(config.seed), step]).generate_state(1)[0])
+    logging.warning("Cannot continue the exact pair stream at step %d: %s; continuing with a fresh "
+                    "shuffle seeded by (seed, step) = %d", step, reason, seed)
+    return seed, 0
+
+
+class _PreemptionWatch:
+    """SIGTERM -> checkpoint-and-exit at the next step boundary.
+
+    Single host: a SIGTERM handler sets a flag. Multi-host: JAX's preemption sync point, so every
+    host stops at the same step (a flag per host could disagree by a step).
+    """
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag.is_set()
+
+
+class _DataIdsLog:
+    """Appends the ids of every pair consumed to <workdir>/data_ids/process_<i>.jsonl.
+
+    On resume, lines past the restored step (written before a crash) are dropped first, so the
+    file always describes the pairs that produced the current state.
+    """
+
+    def __init__(self, workdir: str, pid: int, start_step: int):
+        directory = os.path.join(workdir, "data_ids")
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, f"process_{pid}.jsonl")
+        kept = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [ln for ln in f if json.loads(ln)["step"] <= start_step]
+        self._f = open(self.path, "w")
+        self._f.writelines(kept)
+
+    def write(self, step: int, batch: dict) -> None:
+        row = {"step": step, **{k: batch[k].tolist() for k in ("page_hash", "cond_index", "target_index")}}
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()  # a kill -9 must not lose lines of steps that a checkpoint covers
+
+    def close(self) -> None:
+        self._f.close()
 
 
 # ============================================================================ loop helpers
@@ -454,22 +684,22 @@ def _evaluate(eval_step, state, enc_params, eval_ds, num_batches, mesh) -> dict:
     return {"loss": total / count, "examples": count}
 
 
-def _grid_conditions(config, eval_ds, train_ds) -> np.ndarray:
-    """Fixed conditioning images for the sample grids (from the eval split when there is one)."""
+def _grid_conditions(config, eval_ds, train_ds) -> dict:
+    """Fixed conditions for the sample grids (from the eval split when there is one)."""
     n = int(config.sample.num_conditions)
     ds = eval_ds if eval_ds is not None else train_ds
-    conds = []
+    batches = []
     for batch in ds.as_numpy_iterator():
-        conds.append(batch["cond"])
-        if sum(len(c) for c in conds) >= n:
+        batches.append({k: batch[k] for k in ("cond", "cond_tokens", "cond_pooled") if k in batch})
+        if sum(len(b["cond"]) for b in batches) >= n:
             break
-    return np.concatenate(conds)[:n]
+    return {k: np.concatenate([b[k] for b in batches])[:n] for k in batches[0]}
 
 
 def _write_grid(sample_fn, state, enc_params, conds, config, workdir, writer, step, is_main):
     rng = jax.random.PRNGKey(config.sample.seed)
     samples = np.asarray(jax.device_get(sample_fn(state.ema_params, enc_params, conds, rng)))
-    grid = images_lib.variation_grid(conds, samples, config.sample.samples_per_condition,
+    grid = images_lib.variation_grid(conds["cond"], samples, config.sample.samples_per_condition,
                                      config.data.image_size)
     if is_main:
         path = images_lib.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))

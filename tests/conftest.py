@@ -9,5 +9,13 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Compiled executables are cached on disk for this session only (a fresh directory each run), so a
+# program compiled by one test (or by a subprocess it starts) is not compiled again by the next.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="semantica_jax_cache_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # Keep TensorFlow off the accelerator path and quiet; tf.data only needs the CPU.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -169,6 +169,21 @@ def test_epochs_reshuffle_and_redraw_pairs(synth):
     assert pairs[0] != pairs[1]  # fresh pair choice per epoch
 
 
+@pytest.mark.parametrize("cache_decoded", [False, True])
+def test_start_element_resumes_the_exact_stream(synth, cache_decoded):
+    """Skipping to a position gives what an uninterrupted iterator gives there, across epochs,
+    however many other iterators of the same dataset exist (exact resume)."""
+    kwargs = dict(seed=5, batch_size=6, cache_decoded=cache_decoded)
+    ds = _dataset(synth["files"], **kwargs)
+    other = iter(ds.as_numpy_iterator())  # an unrelated iterator drawn first (e.g. grid conditions)
+    next(other)
+    full = _collect(ds, 16)  # 96 pairs, over 2 epochs of 36 pages
+    assert np.array_equal(full["element_index"], np.arange(96))
+    resumed = _collect(_dataset(synth["files"], start_element=42, **kwargs), 9)
+    for key in full:
+        np.testing.assert_array_equal(full[key][42:96], resumed[key], err_msg=key)
+
+
 def test_cache_decoded_gives_the_same_stream(synth):
     kwargs = dict(seed=3, shuffle=False, batch_size=6)
     plain = _collect(_dataset(synth["files"], **kwargs), 9)  # 54 pairs > 1 epoch

@@ -501,7 +501,7 @@ def test_unet_from_config_overrides():
     c.num_res_blocks = -1
     c.num_heads = -1
     tiny = unet.unet_from_config(c)
-    assert (tiny.channels, tiny.num_res_blocks, tiny.num_heads) == ((32, 64, 64), 1, 2)
+    assert (tiny.channels, tiny.num_res_blocks, tiny.num_heads) == ((16, 32, 64), 1, 2)
     c.size = "XXL"
     with pytest.raises(ValueError, match=r"model.size='XXL'"):
         unet.unet_from_config(c)

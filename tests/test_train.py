@@ -14,57 +14,27 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipeline import synthetic
+import helpers
 from semantica_jax import checkpointing, config_lib, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(data_dir: str, num_steps: int):
-    c = config_lib.default_config()
-    c.seed = 0
-    c.batch_size = 16
-    c.data.train_files = os.path.join(data_dir, "train-*.tfrecord")
-    c.data.eval_files = os.path.join(data_dir, "eval-*.tfrecord")
-    c.data.image_size = 16
-    c.data.shuffle_buffer = 64
-    c.encoder.size = "tiny"
-    c.encoder.image_size = 14
-    c.encoder.allow_random_init = True
-    c.model.size = "tiny"
-    c.model.channels = (16, 32)
-    c.model.attn_resolution = 8
+    c = helpers.tiny_config(data_dir, num_steps)
     # x-prediction with the x-space loss (the paper's objective): an overfit shows within a few
     # dozen steps, where v-loss at high SNR first needs the identity-like denoising map.
     c.diffusion.prediction = "x"
     c.diffusion.loss_weighting = "x"
     c.optimizer.learning_rate = 3e-3
-    c.optimizer.warmup_steps = 5
-    c.optimizer.ema_decay = 0.9
-    c.mesh.data = 4
-    c.mesh.fsdp = 2
-    c.mesh.model = 1
-    c.train.num_steps = num_steps
-    c.train.log_every = 5
-    c.train.checkpoint_every = 20
-    c.train.eval_every = 20
-    c.train.eval_batches = 1
-    c.train.sample_every = 1000  # only at the last step
+    c.train.sample_every = 1000  # a grid at the last step only
     c.train.async_checkpointing = True
-    c.sample.num_steps = 4
-    c.sample.num_conditions = 2
-    c.sample.samples_per_condition = 2
     return c
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pages")
-    synthetic.write_synthetic_shards(str(d), num_pages=16, num_shards=4, images_per_page=(2, 4),
-                                     image_size=16, seed=0, prefix="train")
-    synthetic.write_synthetic_shards(str(d), num_pages=16, num_shards=2, images_per_page=3,
-                                     image_size=16, seed=1, prefix="eval")
-    return str(d)
+    return helpers.write_pages(str(tmp_path_factory.mktemp("pages")))
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from semantica_jax import config_lib
+from semantica_jax import config_lib, sharding
 from semantica_jax.models import layers
 
 # Angular frequencies of the logsnr features, log-spaced in [MIN, MAX]. With logsnr in
@@ -123,6 +123,8 @@ class UNet(nn.Module):
       dtype: compute dtype; params stay float32; the prediction is returned in float32.
       out_channels: channels of the prediction.
       remat: rematerialise TransformerBlocks in the backward pass.
+      remat_policy: what a rematerialised block keeps (`sharding.REMAT_POLICIES`: 'full' keeps
+        nothing, 'dots_saveable' / 'dots_with_no_batch_dims_saveable' keep matmul outputs).
     """
 
     channels: tuple[int, ...]
@@ -136,6 +138,7 @@ class UNet(nn.Module):
     dtype: layers.Dtype = jnp.float32
     out_channels: int = 3
     remat: bool = False
+    remat_policy: str = "full"
 
     @property
     def resolved_cond_dim(self) -> int:
@@ -279,7 +282,9 @@ class UNet(nn.Module):
         cond = layers.constrain_tokens(cond)
 
         # ------------------------------------------------------------ UNet
-        attn_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+        attn_cls = TransformerBlock
+        if self.remat:
+            attn_cls = nn.remat(TransformerBlock, policy=sharding.remat_policy(self.remat_policy))
 
         def res_block(c: int, name: str) -> ResBlock:
             return ResBlock(c, dropout=self.dropout, dtype=dtype, name=name)
@@ -338,6 +343,7 @@ def unet_from_config(model_config: Any) -> UNet:
 
     `model.size` picks a `config_lib.UNET_SIZES` entry; `model.channels` (non-empty),
     `model.num_res_blocks` (!= -1) and `model.num_heads` (!= -1) override it.
+    `model.remat_policy` is checked even when `model.remat` is off.
     """
     size = model_config.size
     if size not in config_lib.UNET_SIZES:
@@ -350,6 +356,7 @@ def unet_from_config(model_config: Any) -> UNet:
     num_heads = int(model_config.num_heads)
     if any(c <= 0 for c in channels):
         raise ValueError(f"model.channels must be positive, got {channels}")
+    sharding.remat_policy(model_config.remat_policy)
     return UNet(
         channels=channels,
         num_res_blocks=ladder["num_res_blocks"] if num_res_blocks == -1 else num_res_blocks,
@@ -361,4 +368,5 @@ def unet_from_config(model_config: Any) -> UNet:
         dropout=float(model_config.dropout),
         dtype=model_config.dtype,
         remat=bool(model_config.remat),
+        remat_policy=str(model_config.remat_policy),
     )
