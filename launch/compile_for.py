@@ -205,6 +205,7 @@ class Report:
     """What compiling the train step for one target gave (per-device numbers)."""
 
     target: str
+    platform: str  # 'tpu' | 'cuda'
     topology: str
     num_slices: int
     devices: int
@@ -247,7 +248,12 @@ class Report:
                 f"({gib(self.hbm_bytes)} HBM): {verdict}, headroom {100 * self.headroom:.1f}% "
                 f"(arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)})"
             )
-        flops = [f"compiled {self.flops_compiled:.3e}" if self.flops_compiled else "compiled n/a (XLA:GPU has no cost analysis)"]
+        if self.flops_compiled:
+            flops = [f"compiled {self.flops_compiled:.3e}"]
+        elif self.error:
+            flops = ["compiled n/a (compilation failed)"]
+        else:
+            flops = ["compiled n/a (XLA:GPU has no cost analysis)"]
         if self.flops_program:
             flops.append(f"unpartitioned step / devices {self.flops_program:.3e}")
         if self.while_loops:
@@ -322,7 +328,8 @@ def compile_report(
     lower_s = time.perf_counter() - t0
     usable = int(target.hbm_bytes * (gpu_mem_fraction if target.platform == "cuda" else 1.0))
     common = dict(
-        target=target.name, topology=target.topology, num_slices=num_slices, devices=mesh.size,
+        target=target.name, platform=target.platform, topology=target.topology,
+        num_slices=num_slices, devices=mesh.size,
         processes=len({d.process_index for d in devices}), mesh=dict(mesh.shape),
         params=trainer.num_params, global_batch=int(config.batch_size),
         batch_per_process=per_process, hbm_bytes=target.hbm_bytes, usable_bytes=usable,

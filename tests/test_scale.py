@@ -332,6 +332,18 @@ def test_gpu_hosts_give_a_hybrid_mesh():
 
 
 @needs_libtpu
+def test_aot_compile_reports_a_step_that_does_not_fit():
+    config = _load("experiments/semantica_tiny.py", "semantica_tiny").get_config()
+    config.batch_size, config.model.channels = 65536, (16,)  # 16k examples of 16 px per chip
+    config.data.image_size, config.encoder.image_size = 16, 14
+    report = compile_for.compile_report(config, compile_for.target_for("v5e-4"))
+    assert not report.fits and report.peak_bytes is None
+    assert report.error.startswith("RESOURCE_EXHAUSTED: Ran out of memory on HBM")
+    assert "DOES NOT FIT: RESOURCE_EXHAUSTED" in report.text()
+    assert "| v5e-4 | 4 / 1 | 4×1×1 | 16384 | — | no (compile OOM) |" in report.markdown_row()
+
+
+@needs_libtpu
 def test_aot_compile_tiny_config_for_tpu(tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run(
@@ -346,7 +358,7 @@ def test_aot_compile_tiny_config_for_tpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
-    assert report["target"] == "v5e-16" and report["topology"] == "v5e:4x4"
+    assert (report["target"], report["platform"], report["topology"]) == ("v5e-16", "tpu", "v5e:4x4")
     assert (report["devices"], report["processes"], report["batch_per_process"]) == (16, 4, 4)
     assert report["mesh"] == {"data": 16, "fsdp": 1, "model": 1}
     assert report["fits"] and 0 < report["peak_bytes"] < report["hbm_bytes"]
