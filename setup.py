@@ -23,12 +23,16 @@ setup(
     install_requires=_requirements(),
     extras_require={
         # Parity tests build reference models offline with the CPU build of torch 2.13.0.
-        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0"],
+        # libtpu (via jax[tpu]) lets a test AOT-compile the tiny config for a TPU topology on CPU.
+        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0",
+                 "jax[tpu]==0.10.2"],
         # Web-scale preprocessing; needs protobuf 6.33.6, which requirements.txt pins.
         "data": ["apache-beam[tfrecord]==2.77.0", "google-crc32c==1.9.0"],
         # AOT compile for / run on TPU (libtpu 0.0.42.1 matches jax 0.10.2).
         "tpu": ["jax[tpu]==0.10.2"],
         "gpu": ["jax[cuda12]==0.10.2"],
+        # launch/compile_for.py: AOT compile for TPU pods and H100 nodes on a CPU-only host.
+        "aot": ["jax[tpu]==0.10.2", "jax-cuda12-plugin==0.10.2"],
     },
     entry_points={
         "console_scripts": [

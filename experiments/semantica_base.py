@@ -51,6 +51,7 @@ def get_config(arg=None):
     c.model.channels = tuple(channels)
     c.encoder.image_size = 224
     c.model.dtype = "bfloat16"
+    c.encoder.dtype = "bfloat16"  # the in-graph frozen encoder (params stay float32)
     c.optimizer.learning_rate = 1e-4
     c.optimizer.warmup_steps = 5_000
     c.optimizer.ema_decay = 0.9999
@@ -65,6 +66,7 @@ def get_config(arg=None):
     if v.get("runlocal"):
         c.batch_size = 8
         c.model.dtype = "float32"
+        c.encoder.dtype = "float32"
         c.encoder.image_size = 56
         c.encoder.allow_random_init = True
         c.data.shuffle_buffer = 100
