@@ -303,13 +303,7 @@ def create_train_dataset(
     ``config.encoder.image_size``, the target to ``config.data.image_size``. `seed` (default
     ``config.seed``) seeds the file/page shuffles and the pair choice.
     """
-    if not config.data.train_files:
-        raise ValueError("config.data.train_files is empty: set it to a glob of page shards")
-    files = files_for_process(
-        list_shard_files(config.data.train_files), process_index, process_count
-    )
-    if config.encoder.cached_tokens:
-        check_cache_identity(files, config.encoder)
+    files = _process_files(config, "train_files", process_index, process_count)
     kwargs = _common_kwargs(config)
     if seed is not None:
         kwargs["seed"] = int(seed)
@@ -325,19 +319,25 @@ def create_eval_dataset(
     The pair choice uses ``config.seed`` exactly as in training, so the eval set is identical
     across runs (and across restarts). Partial last batches are dropped (static shapes).
     """
-    if not config.data.eval_files:
-        raise ValueError("config.data.eval_files is empty: this config has no eval split")
-    files = files_for_process(
-        list_shard_files(config.data.eval_files), process_index, process_count
-    )
-    if config.encoder.cached_tokens:
-        check_cache_identity(files, config.encoder)
+    files = _process_files(config, "eval_files", process_index, process_count)
     kwargs = _common_kwargs(config)
     kwargs["cache_decoded"] = False  # a single pass gains nothing from a cache
     return make_pair_dataset(files, batch_size=batch_size, shuffle=False, repeat=False, **kwargs)
 
 
 # --------------------------------------------------------------------------- internals
+
+
+def _process_files(config: Any, field: str, process_index: int, process_count: int) -> list[str]:
+    """This process's share of the shards of `config.data.<field>`, checked against the token
+    cache's encoder when `config.encoder.cached_tokens`."""
+    pattern = config.data[field]
+    if not pattern:
+        raise ValueError(f"config.data.{field} is empty: set it to a glob of page shards")
+    files = files_for_process(list_shard_files(pattern), process_index, process_count)
+    if config.encoder.cached_tokens:
+        check_cache_identity(files, config.encoder)
+    return files
 
 
 def _common_kwargs(config: Any) -> dict[str, Any]:

@@ -525,18 +525,32 @@ def _convert_hf_dinov2(t: _Tensors, cfg: dict, num_heads: int | None, source: st
             "attn": _attention(*(_linear(t, a + n, d, d) for n in (
                 "attention.query", "attention.key", "attention.value", "output.dense")), h),
         }
-        if swiglu:
-            blk["mlp"] = {"weights_in": _dense(*_linear(t, b + "mlp.weights_in", 2 * mlp_dim, d)),
-                          "weights_out": _dense(*_linear(t, b + "mlp.weights_out", d, mlp_dim))}
-        else:
-            blk["mlp"] = {"fc1": _dense(*_linear(t, b + "mlp.fc1", mlp_dim, d)),
-                          "fc2": _dense(*_linear(t, b + "mlp.fc2", d, mlp_dim))}
-        if layerscale:
-            blk["ls1"] = {"scale": t.take(b + "layer_scale1.lambda1", (d,))}
-            blk["ls2"] = {"scale": t.take(b + "layer_scale2.lambda1", (d,))}
+        blk.update(_dinov2_mlp_and_layerscale(
+            t, b, d, mlp_dim, swiglu=swiglu, layerscale=layerscale,
+            names=("mlp.weights_in", "mlp.weights_out", "layer_scale1.lambda1", "layer_scale2.lambda1")))
         params[f"block_{i}"] = blk
     ignore = lambda k: k == t.prefix + e + "mask_token"
     return model, params, ignore
+
+
+def _dinov2_mlp_and_layerscale(t: "_Tensors", b: str, d: int, mlp_dim: int, *, swiglu: bool,
+                               layerscale: bool, names: tuple[str, str, str, str]) -> dict[str, Any]:
+    """A DINOv2 block's FFN (fc1/fc2, or SwiGLU under the layout's names) and layer scales.
+
+    `names` = the layout's (swiglu-in, swiglu-out, layer-scale-1, layer-scale-2) keys under `b`;
+    the plain MLP is `mlp.fc1`/`mlp.fc2` in every DINOv2 layout.
+    """
+    w_in, w_out, ls1, ls2 = names
+    if swiglu:
+        out: dict[str, Any] = {"mlp": {"weights_in": _dense(*_linear(t, b + w_in, 2 * mlp_dim, d)),
+                                       "weights_out": _dense(*_linear(t, b + w_out, d, mlp_dim))}}
+    else:
+        out = {"mlp": {"fc1": _dense(*_linear(t, b + "mlp.fc1", mlp_dim, d)),
+                       "fc2": _dense(*_linear(t, b + "mlp.fc2", d, mlp_dim))}}
+    if layerscale:
+        out["ls1"] = {"scale": t.take(b + ls1, (d,))}
+        out["ls2"] = {"scale": t.take(b + ls2, (d,))}
+    return out
 
 
 def _convert_dinov2_original(t: _Tensors, num_heads: int | None, source: str):
@@ -574,15 +588,9 @@ def _convert_dinov2_original(t: _Tensors, num_heads: int | None, source: str):
             "norm2": _ln(t, b + "norm2", d),
             "attn": _attention(*qkv, _linear(t, b + "attn.proj", d, d), h),
         }
-        if swiglu:
-            blk["mlp"] = {"weights_in": _dense(*_linear(t, b + "mlp.w12", 2 * mlp_dim, d)),
-                          "weights_out": _dense(*_linear(t, b + "mlp.w3", d, mlp_dim))}
-        else:
-            blk["mlp"] = {"fc1": _dense(*_linear(t, b + "mlp.fc1", mlp_dim, d)),
-                          "fc2": _dense(*_linear(t, b + "mlp.fc2", d, mlp_dim))}
-        if layerscale:
-            blk["ls1"] = {"scale": t.take(b + "ls1.gamma", (d,))}
-            blk["ls2"] = {"scale": t.take(b + "ls2.gamma", (d,))}
+        blk.update(_dinov2_mlp_and_layerscale(
+            t, b, d, mlp_dim, swiglu=swiglu, layerscale=layerscale,
+            names=("mlp.w12", "mlp.w3", "ls1.gamma", "ls2.gamma")))
         params[f"block_{i}"] = blk
     ignore = lambda k: k == t.prefix + "mask_token"
     return model, params, ignore
