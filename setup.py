@@ -25,7 +25,7 @@ setup(
         # Parity tests build reference models offline with the CPU build of torch 2.13.0.
         # libtpu (via jax[tpu]) lets a test AOT-compile the tiny config for a TPU topology on CPU.
         "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0",
-                 "jax[tpu]==0.10.2"],
+                 "jax[tpu]==0.10.2", "prdc==0.2", "scikit-learn==1.9.1"],
         # Web-scale preprocessing; needs protobuf 6.33.6, which requirements.txt pins.
         "data": ["apache-beam[tfrecord]==2.77.0", "google-crc32c==1.9.0"],
         # AOT compile for / run on TPU (libtpu 0.0.42.1 matches jax 0.10.2).
@@ -39,6 +39,9 @@ setup(
             "semantica-train=semantica_jax.main:run",
             "semantica-build-fmnist=data_pipeline.fashion_mnist:run",
             "semantica-convert-encoder=semantica_jax.convert_encoder:run",
+            "semantica-export=semantica_jax.export:run",
+            "semantica-eval=semantica_jax.evaluation.job:run",
+            "semantica-vary=semantica_jax.vary:run",
         ],
     },
 )

@@ -184,6 +184,32 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.num_conditions = 8  # rows of the grid
     c.sample.samples_per_condition = 4  # columns after the condition column
     c.sample.seed = 42
+
+    # ---------------------------------------------------------------- evaluation (eval job)
+    # The few-shot protocol of docs/EVALUATION.md, run by `main.py --mode=eval` / semantica-eval
+    # on every checkpoint of a workdir (or on an export). Groups are classes (page label) or pages.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.files = ""  # page shards to evaluate on; "" = data.eval_files
+    c.eval.group_by = "label"  # 'label' (pages' class label) | 'page' (each page is a group)
+    c.eval.max_groups = 0  # evaluate at most this many groups (first in sorted order); 0 = all
+    c.eval.max_real_per_group = 500  # real images per group kept as the reference set
+    c.eval.shots = 4  # k: conditioning images per group (1 = one-shot)
+    c.eval.samples_per_condition = 8  # M: variations generated per conditioning image
+    c.eval.sampler = "ddim"  # 'ddpm' | 'ddim'
+    c.eval.num_steps = 50
+    c.eval.guidance_scales = (1.0,)  # one result set per scale (the guidance trade-off curve)
+    c.eval.guidance_interval = (0.0, 1.0)
+    c.eval.batch_size = 64  # images per sampler call (padded to a multiple of the device count)
+    c.eval.extractor = "efficientnet_lite0"  # 'efficientnet_lite0' | 'encoder' | 'inception_v3'
+    c.eval.extractor_resolution = 0  # 0 = the extractor's default
+    c.eval.extractor_weights = ""  # required for 'inception_v3' (pytorch-fid .pth)
+    c.eval.prdc_k = 5  # k of k-NN precision/recall/density/coverage
+    c.eval.memorization_images = 2_000  # training images for the nearest-training-image check; 0 = off
+    c.eval.grid_groups = 10  # rows of the eval grid PNG (one conditioning image per group)
+    c.eval.seed = 0
+    c.eval.cache_dir = ""  # reference-feature cache; "" = ~/.cache/semantica_jax/eval_refs
+    c.eval.poll_seconds = 30.0  # how often the eval job looks for new checkpoints
+    c.eval.idle_timeout_seconds = 3_600.0  # stop after this long without a new checkpoint
     return c
 
 
@@ -217,3 +243,40 @@ def check_variant_keys(variant: dict[str, Any], allowed: set[str], config_name: 
         raise ValueError(
             f"{config_name}: unknown variant key(s) {unknown}; allowed: {sorted(allowed)}"
         )
+
+
+def config_from_dict(saved: dict, *, where: str) -> ml_collections.ConfigDict:
+    """A config saved as JSON (checkpoints, exports) back onto `default_config()`.
+
+    JSON lists become tuples where the field is a tuple. Keys this version of the code does not
+    know raise ConfigError naming them and `where` (an export from a newer or diverged version);
+    fields the saved config lacks keep their defaults.
+    """
+    config = default_config()
+    unknown: list[str] = []
+
+    def to_tuple(v):
+        return tuple(to_tuple(x) for x in v) if isinstance(v, list) else v
+
+    def assign(node: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+        for key, value in values.items():
+            if key not in node:
+                unknown.append(prefix + key)
+                continue
+            current = node[key]
+            if isinstance(current, ml_collections.ConfigDict):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where}: {prefix}{key} should be a section, got {value!r}")
+                assign(current, value, f"{prefix}{key}.")
+            elif isinstance(current, tuple) or isinstance(value, list):
+                node[key] = to_tuple(value)
+            else:
+                try:
+                    node[key] = value
+                except TypeError as e:
+                    raise ConfigError(f"{where}: {prefix}{key}={value!r}: {e}") from e
+
+    assign(config, saved, "")
+    if unknown:
+        raise ConfigError(f"{where}: unknown config key(s) {sorted(unknown)} (written by another version?)")
+    return config

@@ -202,6 +202,7 @@ def sample(
     guidance_scale: float = 1.0,
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     clip_x: bool = True,
+    example_keys: jax.Array | None = None,
 ) -> jax.Array:
     """Generates x from pure noise with `num_steps` uniform steps in t from 1 to 0.
 
@@ -209,13 +210,31 @@ def sample(
     sampler 'ddim': deterministic DDIM (eta = 0): z_s = alpha_s x_hat + sigma_s eps_hat.
     The last step returns the model's x estimate at t = 1/num_steps (clipped to [-1, 1] when
     clip_x), so an exact model returns exactly the data.
+
+    `example_keys` ([B] PRNG keys, `rng` is then ignored) draws every example's noise from its
+    own key, so a sample depends only on its key and condition, not on the batch it was
+    generated in or on how that batch is sharded (the eval job and `vary` use this).
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler={sampler!r}; expected 'ddpm' or 'ddim'")
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps} must be >= 1")
-    noise_rng, loop_rng = jax.random.split(rng)
-    z = jax.random.normal(noise_rng, shape, jnp.float32)
+    if example_keys is not None:
+        if example_keys.shape[0] != shape[0]:
+            raise ValueError(f"{example_keys.shape[0]} example keys for a batch of {shape[0]}")
+
+        def draw_noise(i):
+            return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape[1:], jnp.float32))(
+                example_keys)
+
+        z = draw_noise(num_steps)  # an index the loop never uses
+    else:
+        noise_rng, loop_rng = jax.random.split(rng)
+        z = jax.random.normal(noise_rng, shape, jnp.float32)
+
+        def draw_noise(i):
+            return jax.random.normal(jax.random.fold_in(loop_rng, i), shape, jnp.float32)
+
     batch = shape[0]
 
     def predict(z, t):
@@ -244,8 +263,7 @@ def sample(
             r = jnp.exp(logsnr_t - logsnr_s)  # < 1
             mean = r * (alpha_s / alpha_t) * z + (1.0 - r) * alpha_s * x_hat
             std = jnp.sqrt((1.0 - r) * jnp.square(sigma_s))
-            noise = jax.random.normal(jax.random.fold_in(loop_rng, i), z.shape, jnp.float32)
-            z_next = mean + std * noise
+            z_next = mean + std * draw_noise(i)
         return z_next, x_hat
 
     _, x = jax.lax.fori_loop(0, num_steps, body, (z, jnp.zeros(shape, jnp.float32)))

@@ -1,5 +1,14 @@
 r"""Command-line entry point: `python -m semantica_jax.main --config=experiments/X.py --workdir=DIR`.
 
+Modes (`--mode`):
+  train   (default) train, resuming from the workdir's latest checkpoint
+  eval    the eval job: evaluate every checkpoint of --workdir with the few-shot protocol
+          (the config's `eval` section), waiting for new ones until the last train step;
+          `--eval_once` for one pass, `--eval_export=DIR` to evaluate an export instead
+  export  write the EMA params + config of a checkpoint (`--export_step`, default the latest)
+          to `--export_dir` (default WORKDIR/export) for eval jobs and `semantica-vary`;
+          --config is not needed (the checkpoint carries its config)
+
 Config overrides: `--config.optimizer.learning_rate=3e-4`; an unknown key fails naming it
 (the config is locked). Variants: `--config=experiments/semantica_base.py:size=B,res=128`.
 Run it again with the same workdir to resume from the latest checkpoint (and the exact position of
@@ -20,8 +29,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (experiments/*.py[:variant]).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
-flags.mark_flags_as_required(["config", "workdir"])
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to run.")
+_EVAL_ONCE = flags.DEFINE_bool("eval_once", False, "eval: one pass over the existing checkpoints, then exit.")
+_EVAL_EXPORT = flags.DEFINE_string("eval_export", None, "eval: evaluate this export instead of checkpoints.")
+_EXPORT_STEP = flags.DEFINE_integer("export_step", None, "export: checkpoint step (default: the latest).")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export: output directory (default WORKDIR/export).")
+_EXPORT_RAW = flags.DEFINE_bool("export_raw", False, "export: also write the raw (non-EMA) params.")
+flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
@@ -38,16 +52,29 @@ def main(argv):
     logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.devices()[0].platform)
-    from semantica_jax import config_lib, train
+    from semantica_jax import config_lib, export, train
+    from semantica_jax.evaluation import job
 
     try:
-        outcome = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except config_lib.ConfigError as e:
+        if _MODE.value != "export" and _CONFIG.value is None:
+            raise config_lib.ConfigError(f"--mode={_MODE.value} needs --config")
+        if _MODE.value == "train":
+            outcome = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+            logging.info("Done: %s", outcome.summary)
+        elif _MODE.value == "eval":
+            for result in job.run_eval_job(_CONFIG.value, _WORKDIR.value, export_dir=_EVAL_EXPORT.value,
+                                           once=_EVAL_ONCE.value):
+                print(job.summary_table(result))
+        else:
+            out = _EXPORT_DIR.value or os.path.join(_WORKDIR.value, "export")
+            export.export_checkpoint(_WORKDIR.value, out, step=_EXPORT_STEP.value, raw=_EXPORT_RAW.value,
+                                     overwrite=True)
+            print(out)
+    except (config_lib.ConfigError, export.ExportError) as e:
         # Bad config / sizes / paths, found before anything was compiled: one line, exit 2.
         logging.error("%s", e)
         print(f"semantica: error: {e}", file=sys.stderr)
         sys.exit(2)
-    logging.info("Done: %s", outcome.summary)
 
 
 def run():

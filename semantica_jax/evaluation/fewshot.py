@@ -1,0 +1,316 @@
+"""Semantica's few-shot evaluation protocol (docs/EVALUATION.md, "The few-shot protocol").
+
+For every group of an eval set (a class when pages carry labels, else a page):
+  * k conditioning images (`eval.shots`) are drawn with a fixed seed; the group's other images
+    are its real reference set (at most `eval.max_real_per_group`);
+  * M variations per conditioning image (`eval.samples_per_condition`), each with its own noise
+    key (the same keys for every checkpoint and guidance scale: paired comparisons);
+  * all images go through one feature extractor (`eval.extractor`, EfficientNet-Lite0 by
+    default, independent of the conditioning encoder).
+Reported per guidance scale:
+  fd, precision, recall, density, coverage   generated set vs the whole real set (PRDC on a
+                                             seeded real subset of the generated set's size)
+  fewshot_{fd,precision,recall,density,coverage}
+                                             per group (group's samples vs group's real images),
+                                             averaged over groups with enough real images
+  consistency          mean cosine(condition, variation) in feature space
+  diversity            mean pairwise L2 distance among one condition's variations (features)
+  pixel_diversity      the same in pixel space (RMS per pixel, images in [-1, 1])
+  pixel_distance_to_condition   RMS pixel distance between a variation and its condition
+                                (near 0 = copies: the reconstruction baseline's signature)
+  class_consistency    (labels only) fraction of variations a linear probe, fitted on the eval
+                       set's real features and labels, assigns to the condition's class;
+                       `probe_accuracy_real` is that probe's 2-fold accuracy on real images
+  memorization_ratio   mean nearest-training-image feature distance of the samples divided by
+                       that of real eval images (<< 1 = samples sit on training images)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from semantica_jax.evaluation import metrics as metrics_lib
+
+_MIN_GROUP_REAL = 3  # per-group FD/PRDC need a few real images (and more than prdc_k)
+
+
+# ============================================================================ the eval set
+@dataclasses.dataclass
+class EvalSet:
+    """Decoded images of an eval split, grouped; row i of every array is image i."""
+
+    images: np.ndarray  # float32 [N, S, S, 3] in [-1, 1] at data.image_size
+    cond_images: np.ndarray  # float32 [N, c, c, 3] in [0, 1] at encoder.image_size
+    groups: np.ndarray  # int32 [N] group index into group_names
+    group_names: list[str]
+    labels: np.ndarray  # int32 [N], -1 without labels
+    files: list[str]
+    skipped_images: int  # undecodable images (skipped and counted)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+
+def load_eval_set(files: Sequence[str], *, image_size: int, cond_size: int, group_by: str,
+                  max_groups: int = 0, max_per_group: int = 0, seed: int = 0) -> EvalSet:
+    """Reads page shards (in file order, deterministic) into an `EvalSet`.
+
+    Images are decoded and resized exactly as the training pipeline does (input_pipeline._decode
+    and _resize). Groups are sorted (labels numerically, pages by id); `max_groups` keeps the
+    first ones, `max_per_group` keeps a seeded random subset of each group's images.
+    """
+    import tensorflow as tf
+
+    from data_pipeline import shards
+    from semantica_jax import input_pipeline as ip
+
+    if group_by not in ("label", "page"):
+        raise ValueError(f"config.eval.group_by={group_by!r}; expected 'label' or 'page'")
+    if not files:
+        raise ValueError("no eval files: set config.eval.files or config.data.eval_files")
+
+    def explode(record):
+        page = shards.parse_page(record)
+        n = tf.shape(page["images"])[0]
+        return tf.data.Dataset.from_tensor_slices({
+            "encoded": page["images"], "page_id": tf.fill([n], page["page_id"]),
+            "label": tf.fill([n], tf.cast(page["label"], tf.int32)),
+        })
+
+    def decode(e):
+        image = ip._decode(e["encoded"])
+        return {"target": ip._resize(image, image_size) * 2.0 - 1.0, "cond": ip._resize(image, cond_size),
+                "page_id": e["page_id"], "label": e["label"]}
+
+    ds = tf.data.TFRecordDataset(list(files)).flat_map(explode)
+    total = ds.reduce(0, lambda n, _: n + 1)
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(log_warning=True)
+    rows: dict[str, list] = {"target": [], "cond": [], "page_id": [], "label": []}
+    for batch in ds.batch(512).as_numpy_iterator():
+        for k in rows:
+            rows[k].append(batch[k])
+    if not rows["target"]:
+        raise ValueError(f"the eval files {list(files)[:3]}... hold no decodable image")
+    arrays = {k: np.concatenate(v) for k, v in rows.items()}
+    skipped = int(total) - len(arrays["label"])
+    if skipped:
+        logging.warning("Eval set: skipped %d undecodable images", skipped)
+    labels = arrays["label"].astype(np.int32)
+    if group_by == "label":
+        if np.any(labels < 0):
+            raise ValueError(f"config.eval.group_by='label' but {int(np.sum(labels < 0))} images of "
+                             f"{list(files)[:3]}... have no label; use group_by='page'")
+        keys = labels.astype(np.int64)
+        names_of = lambda k: f"label {k}"
+    else:
+        page_ids = [p.decode("utf-8") for p in arrays["page_id"]]
+        uniq = sorted(set(page_ids))
+        index = {p: i for i, p in enumerate(uniq)}
+        keys = np.array([index[p] for p in page_ids], np.int64)
+        names_of = lambda k: uniq[k]
+    uniq_keys = np.unique(keys)
+    if max_groups > 0:
+        uniq_keys = uniq_keys[:max_groups]
+    rng = np.random.RandomState(seed)
+    keep: list[np.ndarray] = []
+    group_of = np.full(len(keys), -1, np.int32)
+    for g, k in enumerate(uniq_keys):
+        idx = np.flatnonzero(keys == k)
+        if max_per_group > 0 and len(idx) > max_per_group:
+            idx = np.sort(rng.choice(idx, max_per_group, replace=False))
+        group_of[idx] = g
+        keep.append(idx)
+    sel = np.sort(np.concatenate(keep))
+    return EvalSet(images=arrays["target"][sel], cond_images=arrays["cond"][sel], groups=group_of[sel],
+                   group_names=[names_of(int(k)) for k in uniq_keys], labels=labels[sel],
+                   files=list(files), skipped_images=skipped)
+
+
+def load_train_images(files: Sequence[str], *, image_size: int, max_images: int) -> np.ndarray:
+    """The first `max_images` training images (file order) in [-1, 1]: the memorisation reference."""
+    import tensorflow as tf
+
+    from data_pipeline import shards
+    from semantica_jax import input_pipeline as ip
+
+    ds = tf.data.TFRecordDataset(list(files)).flat_map(
+        lambda r: tf.data.Dataset.from_tensor_slices(shards.parse_page(r)["images"]))
+    ds = ds.take(max_images).map(lambda e: ip._resize(ip._decode(e), image_size) * 2.0 - 1.0,
+                                 num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    out = [b for b in ds.batch(512).as_numpy_iterator()]
+    return np.concatenate(out) if out else np.zeros((0, image_size, image_size, 3), np.float32)
+
+
+# ============================================================================ reference features (cached)
+def files_fingerprint(files: Sequence[str]) -> list:
+    return [[os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
+
+
+class FeatureCache:
+    """Reference features on disk, keyed by dataset files + extractor + resolution + selection."""
+
+    def __init__(self, directory: str):
+        self.directory = directory or os.path.join(os.path.expanduser("~"), ".cache", "semantica_jax", "eval_refs")
+
+    def path(self, key: dict) -> str:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return os.path.join(self.directory, f"{digest}.npz")
+
+    def get_or_compute(self, key: dict, compute) -> np.ndarray:
+        path = self.path(key)
+        if os.path.exists(path):
+            try:
+                with np.load(path) as f:
+                    if json.loads(str(f["key"])) == json.loads(json.dumps(key, sort_keys=True)):
+                        logging.info("Reference features from cache %s", path)
+                        return f["features"]
+            except Exception as e:  # a damaged cache file is recomputed, never trusted
+                logging.warning("Ignoring unreadable feature cache %s: %s", path, e)
+        features = np.asarray(compute(), np.float32)
+        os.makedirs(self.directory, exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}.npz"
+        np.savez(tmp, features=features, key=json.dumps(key, sort_keys=True))
+        os.replace(tmp, path)
+        logging.info("Cached reference features (%s) in %s", features.shape, path)
+        return features
+
+
+# ============================================================================ the protocol
+@dataclasses.dataclass
+class Plan:
+    """Which eval images condition which samples (fixed by eval.seed; the same for every checkpoint)."""
+
+    cond_rows: np.ndarray  # int [G*k] rows of the EvalSet used as conditions (group-major)
+    cond_groups: np.ndarray  # int [G*k]
+    real_rows: list  # per group: int rows of its real reference images (conditions excluded)
+    samples_per_condition: int
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        """Stable integer id of every sample: condition position * M + j."""
+        return np.arange(len(self.cond_rows) * self.samples_per_condition)
+
+
+def make_plan(eval_set: EvalSet, shots: int, samples_per_condition: int, seed: int) -> Plan:
+    rng = np.random.RandomState(seed)
+    cond_rows, cond_groups, real_rows = [], [], []
+    for g in range(eval_set.num_groups):
+        idx = np.flatnonzero(eval_set.groups == g)
+        perm = idx[rng.permutation(len(idx))]
+        k = min(shots, max(len(idx) - 1, 1))  # leave at least one real image when possible
+        cond_rows.extend(perm[:k])
+        cond_groups.extend([g] * k)
+        real_rows.append(np.sort(perm[k:]) if len(idx) > k else np.sort(perm))
+    return Plan(np.asarray(cond_rows), np.asarray(cond_groups), real_rows, int(samples_per_condition))
+
+
+def _pairwise_mean_distance(x: np.ndarray) -> float:
+    """x [N, M, D] -> mean over N of the mean L2 distance between the M rows (i != j)."""
+    n, m, _ = x.shape
+    if m < 2:
+        return float("nan")
+    d = np.sqrt(np.maximum(((x[:, :, None, :] - x[:, None, :, :]) ** 2).sum(-1), 0.0))
+    return float(d.sum(axis=(1, 2)).mean() / (m * (m - 1)))
+
+
+def _nan_mean(values: list[float]) -> float:
+    vals = [v for v in values if np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def compute_metrics(*, eval_set: EvalSet, plan: Plan, real_feats: np.ndarray, gen_feats: np.ndarray,
+                    samples: np.ndarray, prdc_k: int, seed: int, probe=None,
+                    train_feats: np.ndarray | None = None, real_nn: float | None = None) -> dict[str, Any]:
+    """All protocol numbers for one set of generated samples (grouped as `plan`)."""
+    m = plan.samples_per_condition
+    n_cond = len(plan.cond_rows)
+    var_feats = gen_feats.reshape(n_cond, m, -1)
+    cond_feats = real_feats[plan.cond_rows]
+    out: dict[str, Any] = {"num_generated": int(len(gen_feats)), "num_real": int(len(real_feats))}
+
+    # Whole set: FD on all real images; PRDC on a seeded real subset of the generated set's size.
+    out["fd"] = float(metrics_lib.fid_from_features(real_feats, gen_feats))
+    rng = np.random.RandomState(seed)
+    sub = rng.choice(len(real_feats), min(len(real_feats), len(gen_feats)), replace=False)
+    k = min(prdc_k, len(sub) - 1, len(gen_feats) - 1)
+    if k >= 1:
+        out.update({key: float(v) for key, v in metrics_lib.prdc(real_feats[sub], gen_feats, k=k).items()})
+
+    # Per group (few-shot): the group's samples against the group's real images.
+    per_group = []
+    for g in range(eval_set.num_groups):
+        rows = plan.real_rows[g]
+        sel = plan.cond_groups == g
+        g_feats = var_feats[sel].reshape(-1, var_feats.shape[-1])
+        entry: dict[str, Any] = {"group": eval_set.group_names[g], "num_real": int(len(rows)),
+                                 "num_generated": int(len(g_feats))}
+        kg = min(prdc_k, len(rows) - 1, len(g_feats) - 1)
+        if len(rows) >= _MIN_GROUP_REAL and len(g_feats) >= 2 and kg >= 1:
+            entry["fd"] = float(metrics_lib.fid_from_features(real_feats[rows], g_feats))
+            entry.update({key: float(v) for key, v in metrics_lib.prdc(real_feats[rows], g_feats, k=kg).items()})
+        entry["consistency"] = float(metrics_lib.consistency(cond_feats[sel], var_feats[sel]))
+        entry["diversity"] = float(metrics_lib.diversity(var_feats[sel])) if m > 1 else float("nan")
+        per_group.append(entry)
+    for key in ("fd", "precision", "recall", "density", "coverage"):
+        out[f"fewshot_{key}"] = _nan_mean([e.get(key, float("nan")) for e in per_group])
+    out["fewshot_groups_scored"] = int(sum("fd" in e for e in per_group))
+
+    out["consistency"] = float(metrics_lib.consistency(cond_feats, var_feats))
+    out["diversity"] = float(metrics_lib.diversity(var_feats)) if m > 1 else float("nan")
+    flat = samples.reshape(n_cond, m, -1).astype(np.float64) / np.sqrt(samples[0].size)
+    out["pixel_diversity"] = _pairwise_mean_distance(flat)
+    conds = eval_set.images[plan.cond_rows].reshape(n_cond, 1, -1).astype(np.float64) / np.sqrt(samples[0].size)
+    out["pixel_distance_to_condition"] = float(np.sqrt(((flat - conds) ** 2).sum(-1)).mean())
+
+    if probe is not None:
+        cond_labels = eval_set.labels[plan.cond_rows]
+        out["class_consistency"] = float(metrics_lib.class_consistency(probe, var_feats, cond_labels))
+        for e, g in zip(per_group, range(eval_set.num_groups)):
+            sel = plan.cond_groups == g
+            e["class_consistency"] = float(metrics_lib.class_consistency(probe, var_feats[sel], cond_labels[sel]))
+    if train_feats is not None and len(train_feats):
+        gen_nn = float(np.mean(metrics_lib.nearest_neighbor_distance(gen_feats, train_feats)))
+        out["nearest_train_distance"] = gen_nn
+        if real_nn:
+            out["nearest_train_distance_real"] = real_nn
+            out["memorization_ratio"] = gen_nn / real_nn
+    out["per_group"] = per_group
+    return out
+
+
+def fit_probe(real_feats: np.ndarray, labels: np.ndarray, seed: int):
+    """A linear probe on all real features + its 2-fold accuracy on real images (a ceiling for
+    class_consistency)."""
+    rng = np.random.RandomState(seed)
+    perm = rng.permutation(len(labels))
+    half = len(perm) // 2
+    a, b = perm[:half], perm[half:]
+    acc = []
+    for fit_rows, test_rows in ((a, b), (b, a)):
+        if len(np.unique(labels[fit_rows])) < 2:
+            continue
+        clf = metrics_lib.fit_classifier(real_feats[fit_rows], labels[fit_rows])
+        acc.append(float(clf.accuracy(real_feats[test_rows], labels[test_rows])))
+    return metrics_lib.fit_classifier(real_feats, labels), (float(np.mean(acc)) if acc else float("nan"))
+
+
+def timed(label: str):
+    """Context manager logging how long a phase took."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        t0 = time.perf_counter()
+        yield
+        logging.info("%s took %.1f s", label, time.perf_counter() - t0)
+
+    return cm()

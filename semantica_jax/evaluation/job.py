@@ -1,0 +1,337 @@
+r"""The eval job: a separate process that evaluates every checkpoint of a workdir (or an export).
+
+  python -m semantica_jax.main --mode=eval --config=experiments/semantica_tiny.py --workdir=W
+  semantica-eval --config=experiments/semantica_tiny.py --workdir=W [--once] [--export=DIR]
+
+It watches `W/checkpoints/`, and for each checkpoint it has not finished yet runs the few-shot
+protocol (semantica_jax/evaluation/fewshot.py) for every `eval.guidance_scales` entry, then:
+  W/eval/step_<S>.json     all numbers (+ per-group tables, settings, timings, extractor)
+  W/eval/grids/step_<S>_g<scale>.png   one conditioning image per group | its variations
+  W/eval/                  TensorBoard events (scalars `fewshot/g<scale>/<metric>`, grid images)
+  W/eval/progress.json     the steps finished (written after each): a restarted job skips them
+It stops when the checkpoint of the config's last train step is done, with --once after one
+pass, or after `eval.idle_timeout_seconds` without a new checkpoint. Checkpoints deleted by the
+trainer's `max_to_keep` before the job reached them are logged and skipped; a checkpoint that
+exists but fails to restore raises.
+
+The model config comes from each checkpoint (or export); the `eval` section (and nothing else)
+from `--config`. Real reference features are computed once per (eval files, extractor,
+resolution, selection) and cached on disk (`eval.cache_dir`). One host: sampling is sharded
+data-parallel over this host's devices.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from semantica_jax import checkpointing, config_lib, export as export_lib, images as images_lib, sampling
+from semantica_jax.evaluation import fewshot
+
+RESULT_KEYS = ("fd", "precision", "recall", "density", "coverage", "fewshot_fd", "fewshot_precision",
+               "fewshot_recall", "fewshot_density", "fewshot_coverage", "consistency", "diversity",
+               "pixel_diversity", "pixel_distance_to_condition", "class_consistency",
+               "memorization_ratio", "nearest_train_distance")
+
+
+class Progress:
+    """`<out_dir>/progress.json`: which steps are finished (atomic rewrites)."""
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, "progress.json")
+        self.done: dict[str, str] = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.done = json.load(f)["done"]
+
+    def is_done(self, tag: str) -> bool:
+        return tag in self.done
+
+    def mark(self, tag: str, result_path: str) -> None:
+        self.done[tag] = result_path
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"done": self.done}, f, indent=2)
+        os.replace(tmp, self.path)
+
+
+def _with_eval_section(model_config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigDict | None):
+    config = ml_collections.ConfigDict(model_config.to_dict())
+    if eval_config is not None:
+        config.eval = ml_collections.ConfigDict(eval_config.eval.to_dict())
+    return config
+
+
+class Evaluator:
+    """The protocol's fixed parts (eval set, plan, extractor, reference features, probe), built
+    once from the first model's config and reused for every checkpoint."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        from semantica_jax import input_pipeline
+        from semantica_jax.evaluation import features as features_lib
+
+        ec = config.eval
+        self.config = config
+        files_glob = ec.files or config.data.eval_files
+        if not files_glob:
+            raise config_lib.ConfigError("no eval data: set config.eval.files or config.data.eval_files")
+        try:
+            files = input_pipeline.list_shard_files(files_glob)
+        except (ValueError, FileNotFoundError) as e:
+            raise config_lib.ConfigError(str(e)) from e
+        size, cond = int(config.data.image_size), int(config.encoder.image_size)
+        with fewshot.timed("Loading the eval set"):
+            self.eval_set = fewshot.load_eval_set(
+                files, image_size=size, cond_size=cond, group_by=ec.group_by, max_groups=int(ec.max_groups),
+                max_per_group=int(ec.max_real_per_group), seed=int(ec.seed))
+        self.plan = fewshot.make_plan(self.eval_set, int(ec.shots), int(ec.samples_per_condition), int(ec.seed))
+        logging.info("Eval set: %d images in %d groups from %d files (%d skipped); %d conditions x %d samples",
+                     len(self.eval_set.images), self.eval_set.num_groups, len(files),
+                     self.eval_set.skipped_images, len(self.plan.cond_rows), self.plan.samples_per_condition)
+        try:
+            self.extractor = features_lib.get_extractor(
+                ec.extractor, resolution=int(ec.extractor_resolution) or None,
+                weights_path=ec.extractor_weights or None, encoder_config=config.encoder)
+        except (ValueError, FileNotFoundError) as e:
+            raise config_lib.ConfigError(f"config.eval.extractor={ec.extractor!r}: {e}") from e
+        cache = fewshot.FeatureCache(ec.cache_dir)
+        base_key = {"extractor": self.extractor.cache_key, "image_size": size}
+        key = {**base_key, "files": fewshot.files_fingerprint(files), "group_by": ec.group_by,
+               "max_groups": int(ec.max_groups), "max_real_per_group": int(ec.max_real_per_group),
+               "seed": int(ec.seed), "n": len(self.eval_set.images)}
+        with fewshot.timed(f"Reference features ({self.extractor.description})"):
+            self.real_feats = cache.get_or_compute(key, lambda: self.extractor(self.eval_set.images))
+        self.probe, self.probe_accuracy = None, float("nan")
+        labels = self.eval_set.labels
+        if np.all(labels >= 0) and len(np.unique(labels)) >= 2:
+            self.probe, self.probe_accuracy = fewshot.fit_probe(self.real_feats, labels, int(ec.seed))
+            logging.info("Linear probe on real %s features: 2-fold accuracy %.3f",
+                         self.extractor.name, self.probe_accuracy)
+        self.train_feats, self.real_nn = None, None
+        n_train = int(ec.memorization_images)
+        if n_train > 0 and config.data.train_files:
+            try:
+                train_files = input_pipeline.list_shard_files(config.data.train_files)
+            except (ValueError, FileNotFoundError) as e:
+                logging.warning("Memorisation check off: %s", e)
+                train_files = []
+            if train_files:
+                tkey = {**base_key, "files": fewshot.files_fingerprint(train_files), "train_images": n_train}
+                self.train_feats = cache.get_or_compute(tkey, lambda: self.extractor(
+                    fewshot.load_train_images(train_files, image_size=size, max_images=n_train)))
+                from semantica_jax.evaluation import metrics as metrics_lib
+
+                self.real_nn = float(np.mean(metrics_lib.nearest_neighbor_distance(self.real_feats, self.train_feats)))
+
+    def check_compatible(self, config: ml_collections.ConfigDict) -> None:
+        """Later checkpoints must share the eval set's resolutions (the cached features)."""
+        for sect, name in (("data", "image_size"), ("encoder", "image_size")):
+            if self.config[sect][name] != config[sect][name]:
+                raise config_lib.ConfigError(
+                    f"checkpoints of one workdir disagree on {sect}.{name}: "
+                    f"{self.config[sect][name]} vs {config[sect][name]}")
+
+    def evaluate(self, model: export_lib.ExportedModel, *, out_dir: str, tag: str, step: int,
+                 writer=None) -> dict[str, Any]:
+        ec = self.config.eval
+        es, plan = self.eval_set, self.plan
+        m = plan.samples_per_condition
+        cond = np.repeat(es.cond_images[plan.cond_rows], m, axis=0)
+        keys = sampling.sample_keys(int(ec.seed), plan.sample_ids)
+        sampler = model.sampler(batch_size=int(ec.batch_size))
+        enc_params = model.encoder_params()
+        result: dict[str, Any] = {
+            "step": step, "tag": tag, "source": model.info.get("source", {}).get("checkpoint", model.path),
+            "extractor": self.extractor.description, "feature_dim": int(self.real_feats.shape[1]),
+            "groups": es.num_groups, "shots": int(ec.shots), "samples_per_condition": m,
+            "group_by": ec.group_by, "probe_accuracy_real": self.probe_accuracy, "by_guidance": {},
+        }
+        for scale in ec.guidance_scales:
+            settings = sampling.SamplerSettings(ec.sampler, int(ec.num_steps), float(scale),
+                                                tuple(float(v) for v in ec.guidance_interval))
+            t0 = time.perf_counter()
+            samples = sampler.generate(model.ema_params, enc_params, cond, keys, settings,
+                                       progress=sampling.log_progress(f"[{tag}] {settings.describe()}"))
+            gen_s = time.perf_counter() - t0
+            gen_feats = self.extractor(samples)
+            numbers = fewshot.compute_metrics(
+                eval_set=es, plan=plan, real_feats=self.real_feats, gen_feats=gen_feats, samples=samples,
+                prdc_k=int(ec.prdc_k), seed=int(ec.seed), probe=self.probe, train_feats=self.train_feats,
+                real_nn=self.real_nn)
+            numbers.update(sampler=settings.describe(), generate_seconds=gen_s,
+                           images_per_second=sampler.images_per_second)
+            result["by_guidance"][f"{float(scale):g}"] = numbers
+            grid = self._grid(samples, m)
+            grid_path = os.path.join(out_dir, "grids", f"{tag}_g{float(scale):g}.png")
+            images_lib.save_png(grid, grid_path)
+            numbers["grid"] = grid_path
+            logging.info("[%s] %s: %s", tag, settings.describe(),
+                         ", ".join(f"{k} {numbers[k]:.4g}" for k in RESULT_KEYS if k in numbers))
+            if writer is not None:
+                writer.write_scalars(step, {f"fewshot/g{float(scale):g}/{k}": numbers[k]
+                                            for k in RESULT_KEYS if k in numbers and np.isfinite(numbers[k])})
+                writer.write_images(step, {f"fewshot/g{float(scale):g}/grid": grid[None]})
+        return result
+
+    def _grid(self, samples: np.ndarray, m: int) -> np.ndarray:
+        """First conditioning image of the first `eval.grid_groups` groups | its variations."""
+        plan, es = self.plan, self.eval_set
+        rows, conds = [], []
+        for g in range(min(int(self.config.eval.grid_groups), es.num_groups)):
+            first = int(np.flatnonzero(plan.cond_groups == g)[0])
+            rows.append(samples[first * m:(first + 1) * m])
+            conds.append((es.images[plan.cond_rows[first]] + 1.0) / 2.0)
+        return images_lib.variation_grid(np.stack(conds), np.concatenate(rows), m, int(self.config.data.image_size))
+
+
+def _write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def run_eval_job(eval_config: ml_collections.ConfigDict | None, workdir: str, *, export_dir: str | None = None,
+                 once: bool = False, max_checkpoints: int = 0) -> list[dict]:
+    """Evaluates the export, or every new checkpoint of `workdir`; returns the results written."""
+    from clu import metric_writers
+
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    progress = Progress(out_dir)
+    writer = metric_writers.create_default_writer(out_dir, asynchronous=False)
+    results: list[dict] = []
+    evaluator: Evaluator | None = None
+
+    def run_one(model: export_lib.ExportedModel, tag: str, step: int) -> None:
+        nonlocal evaluator
+        config = _with_eval_section(model.config, eval_config)
+        if evaluator is None:
+            evaluator = Evaluator(config)
+        else:
+            evaluator.check_compatible(config)
+        result = evaluator.evaluate(model, out_dir=out_dir, tag=tag, step=step, writer=writer)
+        path = os.path.join(out_dir, f"{tag}.json")
+        _write_json(path, result)
+        progress.mark(tag, path)
+        writer.flush()
+        results.append(result)
+        logging.info("Eval results for %s in %s", tag, path)
+
+    if export_dir is not None:
+        try:
+            model = export_lib.load_export(export_dir)
+        except export_lib.ExportError as e:
+            raise config_lib.ConfigError(str(e)) from e
+        tag = f"export_step_{model.step}"
+        if progress.is_done(tag):
+            logging.info("%s already evaluated (%s)", tag, progress.done[tag])
+        else:
+            run_one(model, tag, model.step)
+        writer.close()
+        return results
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    last_new = time.time()
+    final_step = None
+    while True:
+        steps = []
+        if os.path.isdir(ckpt_dir):
+            ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False)
+            steps = sorted(ckpt.all_steps())
+            ckpt.close()
+        todo = [s for s in steps if not progress.is_done(f"step_{s}")]
+        for step in todo:
+            try:
+                model = export_lib.model_from_checkpoint(workdir, step)
+            except export_lib.ExportError as e:
+                if not os.path.isdir(os.path.join(ckpt_dir, str(step))):  # removed by max_to_keep
+                    logging.warning("Checkpoint %d disappeared before evaluation (max_to_keep); skipped", step)
+                    continue
+                raise
+            if final_step is None:
+                final_step = int(model.config.train.num_steps)
+            run_one(model, f"step_{step}", step)
+            last_new = time.time()
+            if max_checkpoints and len(results) >= max_checkpoints:
+                writer.close()
+                return results
+        done_steps = {int(t.split("_")[-1]) for t in progress.done if t.startswith("step_")}
+        if once:
+            break
+        if final_step is not None and final_step in done_steps:
+            logging.info("Evaluated the final checkpoint (step %d); stopping", final_step)
+            break
+        idle = float(eval_config.eval.idle_timeout_seconds) if eval_config is not None else 3600.0
+        if time.time() - last_new > idle:
+            logging.info("No new checkpoint for %.0f s; stopping", idle)
+            break
+        poll = float(eval_config.eval.poll_seconds) if eval_config is not None else 30.0
+        logging.info("Waiting for new checkpoints in %s (every %.0f s)", ckpt_dir, poll)
+        time.sleep(poll)
+    writer.close()
+    return results
+
+
+def summary_table(result: dict) -> str:
+    """A few lines for logs/README: the main numbers per guidance scale."""
+    lines = [f"{result['tag']} ({result['extractor']}, {result['groups']} groups, "
+             f"{result['shots']} shots x {result['samples_per_condition']} samples)"]
+    for scale, r in result["by_guidance"].items():
+        lines.append(f"  guidance {scale}: " + ", ".join(f"{k} {r[k]:.3f}" for k in RESULT_KEYS if k in r))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """`semantica-eval` (argparse; `main.py --mode=eval` is the absl equivalent)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="semantica-eval", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="experiment config file[:variant] (its eval section is used)")
+    parser.add_argument("--workdir", required=True, help="training workdir (results go to WORKDIR/eval)")
+    parser.add_argument("--export", default=None, help="evaluate this export directory instead of checkpoints")
+    parser.add_argument("--once", action="store_true", help="one pass over the existing checkpoints, then exit")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config_file(args.config)
+        results = run_eval_job(config, args.workdir, export_dir=args.export, once=args.once)
+    except config_lib.ConfigError as e:
+        print(f"semantica-eval: error: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(summary_table(r))
+    return 0
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """experiments/X.py[:variant] -> its get_config(variant) (as `--config` flags load it)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise config_lib.ConfigError(f"config file {path} does not exist")
+    spec_ = importlib.util.spec_from_file_location("_semantica_config", path)
+    module = importlib.util.module_from_spec(spec_)
+    try:
+        spec_.loader.exec_module(module)
+        return module.get_config(arg or None) if arg else module.get_config()
+    except ValueError as e:
+        raise config_lib.ConfigError(f"{spec}: {e}") from e
+
+
+def run() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.set_verbosity(logging.INFO)
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
