@@ -13,10 +13,14 @@ page number within the class), ``page_url`` is empty, ``label`` is the class id.
 page keeps the remainder if it has >= 2 images; a single leftover image is not used (counted in
 ``unused_images``). Page order is shuffled across classes before writing.
 
-Images are stored as lossless grey 28x28 PNG (the input pipeline converts to RGB and resizes).
-The train split becomes ``train-*-of-*.tfrecord`` shards and the test split, held out for
-evaluation, ``eval-*-of-*.tfrecord`` shards, both in ``out_dir``, next to a ``stats.json`` with
-the build parameters and counts. A second build with identical parameters finds stats.json and
+The pages go through the Beam page builder (`data_pipeline.build_pages`: one DirectRunner run,
+in-process, for both splits; extra command-line flags are Beam options) with the per-image rules
+relaxed for 28 px images (`IMAGE_RULES`: no size limits) and stored as lossless 28x28 RGB PNG
+(grey replicated to 3 channels, as every builder source is normalised to RGB). Pages, their
+order and their shard assignment (round-robin) are the same as with the earlier non-Beam
+writer. The train split becomes ``train-*-of-*.tfrecord`` shards and the test split, held out
+for evaluation, ``eval-*-of-*.tfrecord`` shards, both in ``out_dir``, next to a ``stats.json``
+with the build parameters and counts (and the builder's ``{train,eval}-stats.json``). A second build with identical parameters finds stats.json and
 the shards and does nothing; a build with other parameters first removes the old shards.
 ``classes`` keeps a subset of the classes (for held-out-class experiments).
 """
@@ -36,7 +40,6 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline import shards
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,9 @@ APT_COMMAND = f"apt-get install -y {DEBIAN_PACKAGE}"
 # split name -> (IDX file stem, shard prefix)
 SPLITS = {"train": ("train", "train"), "test": ("t10k", "eval")}
 STATS_FILE = "stats.json"
-FORMAT_VERSION = 1
+SHARD_SUFFIX = ".tfrecord"
+# 2: built by the Beam page builder (RGB PNG images, per-split {prefix}-stats.json).
+FORMAT_VERSION = 2
 
 _IDX_DTYPES = {
     0x08: np.uint8,
@@ -155,32 +160,65 @@ def label_grouped_pages(
 ) -> tuple[list[dict[str, Any]], int]:
     """Groups same-class images into pages (see module docstring).
 
-    Returns (pages in a seeded random order, number of unused leftover images).
+    Returns (pages in a seeded random order, number of unused leftover images). Each page's
+    ``images`` are the uint8 [28, 28] arrays.
     """
-    if images_per_page < 2:
-        raise ValueError(f"images_per_page must be >= 2 (pages need pairs), got {images_per_page}")
-    classes = list(range(NUM_CLASSES)) if classes is None else sorted(set(classes))
-    pages: list[dict[str, Any]] = []
-    unused = 0
-    split_key = list(SPLITS).index(split)
-    for c in classes:
-        rng = np.random.default_rng([seed, split_key, c])
-        members = rng.permutation(np.flatnonzero(labels == c))
-        for p, start in enumerate(range(0, len(members), images_per_page)):
-            chunk = members[start : start + images_per_page]
-            if len(chunk) < 2:
-                unused += len(chunk)
-                continue
-            pages.append(
-                {
-                    "page_id": f"fmnist-{split}-c{c}-{p:06d}",
-                    "page_url": "",
-                    "images": [images[i] for i in chunk],
-                    "label": int(c),
-                }
-            )
-    order = np.random.default_rng([seed, split_key, NUM_CLASSES]).permutation(len(pages))
-    return [pages[i] for i in order], unused
+    from data_pipeline import build_pages
+
+    return build_pages.label_grouped_pages(
+        images, labels, id_prefix=f"fmnist-{split}", images_per_page=images_per_page, seed=seed,
+        split_key=list(SPLITS).index(split), num_classes=NUM_CLASSES,
+        classes=list(range(NUM_CLASSES)) if classes is None else classes,
+    )
+
+
+def source(
+    split: str,
+    *,
+    source_dir: str | None = None,
+    images_per_page: int = 5,
+    seed: int = 0,
+    classes: Sequence[int] | None = None,
+):
+    """The `build_pages.Source` of one split ('train' or 'test') for the Beam builder."""
+    from data_pipeline import build_pages
+
+    if split not in SPLITS:
+        raise ValueError(f"Fashion-MNIST split must be one of {list(SPLITS)}, got {split!r}")
+    source_dir = find_source_dir(source_dir)
+    _, labels = load_split(source_dir, split)
+    # Pages refer to images by index; workers read the IDX file once (`IdxImages`), so the
+    # pipeline graph stays small.
+    pages, unused = label_grouped_pages(np.arange(len(labels)), labels, split=split,
+                                        images_per_page=images_per_page, classes=classes, seed=seed)
+    for page in pages:
+        page["images"] = [int(i) for i in page["images"]]
+    return build_pages.Source(
+        "fashion_mnist", pages=pages,
+        info={"source_dir": source_dir, "split": split, "label_names": list(CLASS_NAMES),
+              "unused_images": unused},
+        loader=IdxImages(source_dir, split),
+    )
+
+
+class IdxImages:
+    """Picklable image loader for the Beam workers: index -> uint8 [28, 28] of one split."""
+
+    def __init__(self, source_dir: str, split: str):
+        self.source_dir, self.split = source_dir, split
+        self._images: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"source_dir": self.source_dir, "split": self.split, "_images": None}
+
+    def __call__(self, index: int) -> np.ndarray:
+        if self._images is None:
+            self._images = load_split(self.source_dir, self.split)[0]
+        return self._images[int(index)]
+
+
+# Fashion-MNIST images are 28x28 grey: keep them all, never resize, store lossless RGB PNG.
+IMAGE_RULES = dict(min_side=0, max_side=0, image_format="png")
 
 
 def build(
@@ -192,12 +230,18 @@ def build(
     classes: Sequence[int] | None = None,
     source_dir: str | None = None,
     seed: int = 0,
+    pipeline_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Builds (or finds already built) the Fashion-MNIST page shards in `out_dir`.
+
+    Both splits go through ONE run of the Beam page builder (`data_pipeline.build_pages`, the
+    DirectRunner in-process unless `pipeline_args` say otherwise), with `IMAGE_RULES`.
 
     Returns the stats.json content plus ``skipped`` (True when an identical build was found) and
     ``train_files`` / ``eval_files`` (glob patterns for config.data.*_files).
     """
+    from data_pipeline import build_pages, image_rules
+
     if classes is not None:
         bad = [c for c in classes if not 0 <= int(c) < NUM_CLASSES]
         if bad or not classes:
@@ -208,6 +252,8 @@ def build(
     for name, value in (("train_shards", train_shards), ("eval_shards", eval_shards)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if images_per_page < 2:
+        raise ValueError(f"images_per_page must be >= 2 (pages need pairs), got {images_per_page}")
     source_dir = find_source_dir(source_dir)
     params = {
         "format_version": FORMAT_VERSION,
@@ -216,6 +262,7 @@ def build(
         "eval_shards": eval_shards,
         "classes": classes if classes is not None else list(range(NUM_CLASSES)),
         "seed": seed,
+        "image_rules": IMAGE_RULES,
         # Cheap fingerprint of the source: file names and sizes.
         "source_files": {
             os.path.basename(p): os.path.getsize(p)
@@ -224,8 +271,8 @@ def build(
         },
     }
     patterns = {
-        "train_files": os.path.join(out_dir, f"{SPLITS['train'][1]}-*-of-*{shards.SHARD_SUFFIX}"),
-        "eval_files": os.path.join(out_dir, f"{SPLITS['test'][1]}-*-of-*{shards.SHARD_SUFFIX}"),
+        "train_files": os.path.join(out_dir, f"{SPLITS['train'][1]}-*-of-*{SHARD_SUFFIX}"),
+        "eval_files": os.path.join(out_dir, f"{SPLITS['test'][1]}-*-of-*{SHARD_SUFFIX}"),
     }
     stats_path = os.path.join(out_dir, STATS_FILE)
     existing = _read_stats(stats_path)
@@ -239,31 +286,33 @@ def build(
     if os.path.exists(stats_path):
         os.remove(stats_path)  # the shards below no longer match it
     for split, (_, prefix) in SPLITS.items():
-        for stale in glob.glob(os.path.join(out_dir, f"{prefix}-*-of-*{shards.SHARD_SUFFIX}")):
+        for stale in glob.glob(os.path.join(out_dir, f"{prefix}-*-of-*{SHARD_SUFFIX}")):
             logger.info("removing shard of a previous build: %s", stale)
             os.remove(stale)
 
-    splits: dict[str, Any] = {}
+    specs = []
     for split, (_, prefix) in SPLITS.items():
-        images, labels = load_split(source_dir, split)
-        pages, unused = label_grouped_pages(
-            images,
-            labels,
-            split=split,
-            images_per_page=images_per_page,
-            classes=classes,
-            seed=seed,
-        )
-        num_shards = train_shards if split == "train" else eval_shards
-        written = shards.write_shards(pages, out_dir, num_shards, prefix=prefix, image_format="png")
+        src = source(split, source_dir=source_dir, images_per_page=images_per_page, seed=seed,
+                     classes=classes)
+        specs.append(build_pages.SplitSpec(
+            src, prefix, train_shards if split == "train" else eval_shards))
+    result = build_pages.run_build(
+        specs, out_dir, rules=image_rules.ImageRules(**IMAGE_RULES), min_images=2,
+        pipeline_args=pipeline_args, params={"source": "fashion_mnist", **params},
+    )
+    splits: dict[str, Any] = {}
+    for (split, (_, prefix)), spec in zip(SPLITS.items(), specs):
+        built = result[prefix]
         splits[split] = {
             "prefix": prefix,
-            "pages": written["pages_written"],
-            "images": written["images_written"],
-            "unused_images": unused,
-            "skipped_corrupt_images": written["skipped_corrupt_images"],
-            "bytes": written["bytes"],
-            "files": [os.path.basename(f) for f in written["files"]],
+            "pages": built["pages"]["written"],
+            "images": built["images"]["written"],
+            "unused_images": spec.source.info["unused_images"],
+            "dropped_pages": built["pages"]["dropped"],
+            "dropped_images": built["images"]["dropped"],
+            "bytes": built["bytes"]["files"],
+            "files": built["files"],
+            "seconds": built["seconds"],
         }
     stats = {"params": params, "source_dir": source_dir, "splits": splits}
     tmp = stats_path + ".tmp"
@@ -316,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--source_dir", default=None,
                         help=f"directory of the IDX gz files (default: {DEFAULT_SOURCE_DIR})")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args, beam_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = build(
@@ -327,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             classes=args.classes,
             source_dir=args.source_dir,
             seed=args.seed,
+            pipeline_args=beam_args,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,13 @@ Variants (`experiments/semantica_tiny.py:key=value,...`):
   pairing=reconstruction  the paper's reconstruction baseline (condition = target)
   steps=N               number of train steps (default 1300)
   data_dir=PATH         where data_pipeline.fashion_mnist wrote the shards
+  filter=similarity     the paper's semantic pair filter (data.pair_filter): trains on the
+                        `_sim` mirror of the shards, which `python -m data_pipeline.similarity`
+                        writes (docs/DATA.md); filter=none (default) = no filter, the ablation
+  sim_low=X, sim_high=Y the filter's thresholds (defaults: config_lib's data.sim_low/high)
+  include_labels=A+B, exclude_labels=A+B   train only on / without these classes ('+'-separated;
+                        e.g. exclude_labels=8+9 holds out bags and ankle boots); the eval split
+                        is unchanged (set --config.data.eval_include_labels for held-out evals)
 What it shows: pages are 5 same-class Fashion-MNIST images (the paper's label-grouped setting);
 the denoiser learns to generate *another* image of the page from the frozen encoder's tokens of
 one image. Expected after 2000 steps (see README "Results"): train loss falls from ~0.5 to
@@ -21,7 +28,8 @@ from semantica_jax import config_lib
 from semantica_jax import encoder as encoder_lib
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_VARIANT_KEYS = {"runlocal", "pairing", "steps", "data_dir", "encoder"}
+_VARIANT_KEYS = {"runlocal", "pairing", "steps", "data_dir", "encoder", "filter", "sim_low",
+                 "sim_high", "include_labels", "exclude_labels"}
 # The training subset that has cached tokens (launch/local.sh builds the cache for exactly these):
 # 2 of the 8 train shards (3,000 pages, 15,000 images) and 1 of the 2 eval shards (5,000 images).
 TRAIN_SHARDS = "train-0000[01]-of-00008.tfrecord"
@@ -62,6 +70,25 @@ def get_config(arg=None):
         shards = os.path.join(data_dir, "fashion_mnist_pages")
         c.data.train_files = os.path.join(shards, TRAIN_SHARDS)
         c.data.eval_files = os.path.join(shards, EVAL_SHARDS)
+
+    pair_filter = v.get("filter", "none")
+    if pair_filter not in ("none", "similarity"):
+        raise ValueError(f"semantica_tiny: filter={pair_filter!r}; expected 'none' or 'similarity'")
+    c.data.pair_filter = pair_filter
+    if pair_filter == "similarity":
+        # The similarity tool's mirror of the shards above (same names, + pair_sim):
+        #   python -m data_pipeline.similarity --shards='<shards>/train-0000[01]-of-00008.tfrecord,
+        #     <shards>/eval-00000-of-00002.tfrecord' --out_dir=<shards>_sim --sweep
+        # (add --config=experiments/semantica_tiny.py:encoder=random for the random encoder).
+        c.data.train_files = os.path.join(shards + "_sim", TRAIN_SHARDS)
+        c.data.eval_files = os.path.join(shards + "_sim", EVAL_SHARDS)
+    if "sim_low" in v:
+        c.data.sim_low = float(v["sim_low"])
+    if "sim_high" in v:
+        c.data.sim_high = float(v["sim_high"])
+    for key in ("include_labels", "exclude_labels"):
+        if key in v:
+            c.data[key] = tuple(int(x) for x in str(v[key]).split("+") if x.strip())
 
     c.model.size = "tiny"
     c.model.attn_resolution = 16

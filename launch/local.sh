@@ -7,7 +7,7 @@
 #   CONFIG defaults to experiments/semantica_tiny.py; WORKDIR env var overrides the workdir.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/launch/setup_env.sh" --apt test
+bash "$ROOT/launch/setup_env.sh" --apt test,data
 PYBIN="${SEMANTICA_VENV:-$ROOT/.venv}/bin/python"
 cd "$ROOT"
 
@@ -28,6 +28,11 @@ export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=2}"
 "$PYBIN" -m semantica_jax.embed_cache --config=experiments/semantica_tiny.py \
     --src="$DATA_DIR/train-0000[01]-of-00008.tfrecord,$DATA_DIR/eval-00000-of-00002.tfrecord" \
     --out_dir="$ROOT/data/fashion_mnist_pages_img_focus28"
+# 2b. Within-page similarities of those pages (the semantic filter; idempotent): the mirror that
+#     `experiments/semantica_tiny.py:filter=similarity` trains on, plus the report + sweep.
+"$PYBIN" -m data_pipeline.similarity --sweep \
+    --shards="$ROOT/data/fashion_mnist_pages_img_focus28/train-0000[01]-of-00008.tfrecord,$ROOT/data/fashion_mnist_pages_img_focus28/eval-00000-of-00002.tfrecord" \
+    --out_dir="$ROOT/data/fashion_mnist_pages_img_focus28_sim" >/dev/null
 
 # 3. Train.
 "$PYBIN" -m semantica_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"

@@ -3,7 +3,7 @@
 # Extra arguments replace the default target, e.g. `bash launch/test.sh tests/test_train.py -x`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/launch/setup_env.sh" test
+bash "$ROOT/launch/setup_env.sh" test,data
 cd "$ROOT"
 if [ $# -eq 0 ]; then set -- tests; fi
 exec "${SEMANTICA_VENV:-$ROOT/.venv}/bin/python" -m pytest -q "$@"

@@ -79,6 +79,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
     c.data.prefetch = 2  # batches
     c.data.cache_decoded = False  # keep decoded pages in memory after the first epoch
+    # Decode JPEG targets at the largest DCT scale (1/2, 1/4, 1/8) that stays >= image_size
+    # before the antialiased resize: faster on large photos; pixels differ slightly from a full
+    # decode (input_pipeline "Images"). The condition image is always fully decoded.
+    c.data.jpeg_dct_scaling = True
+    # Semantic similarity filter (docs/DATA.md). 'none': any two distinct images of a page;
+    # 'similarity': only (condition, target) pairs whose cosine similarity s (frozen-encoder
+    # pooled embeddings, the `pair_sim` matrix written by `python -m data_pipeline.similarity`)
+    # satisfies sim_low <= s <= sim_high; pages without such a pair are skipped. Thresholds
+    # apply at train time, so one set of shards serves the with/without-filter ablation and
+    # threshold sweeps (`python -m data_pipeline.similarity --sweep` tabulates what each keeps).
+    c.data.pair_filter = "none"  # 'none' | 'similarity'
+    c.data.sim_low = 0.5  # lower bound: drops unrelated pairs (no shared semantics)
+    c.data.sim_high = 0.95  # upper bound: drops near-duplicates (pair -> reconstruction)
+    # Label filters on pages' `label` (label-grouped data), no rebuild needed; e.g. train on
+    # some classes and evaluate on held-out ones. () = no filter.
+    c.data.include_labels = ()  # train: keep only pages with one of these labels
+    c.data.exclude_labels = ()  # train: skip pages with one of these labels
+    c.data.eval_include_labels = ()  # eval split: keep only these labels
+    c.data.eval_exclude_labels = ()  # eval split: skip these labels
 
     # ---------------------------------------------------------------- frozen encoder
     # Architecture fields follow models/vit.py; `semantica-convert-encoder` prints the exact
@@ -123,6 +142,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype ('bfloat16' on TPU); params stay float32
     c.model.remat = False  # rematerialise transformer blocks (saves activation memory)
     c.model.remat_policy = "full"  # what remat keeps: 'full' (nothing) | 'dots_saveable' | 'dots_with_no_batch_dims_saveable'
+    # How convolutions run: 'xla' (XLA convolutions) | 'matmul' (im2col GEMMs; faster on XLA:CPU,
+    # whose filter-gradient convolution is slow) | 'auto' (= 'matmul' when the mesh's devices are
+    # CPUs, else 'xla'). Same parameters either way; see docs/PERFORMANCE.md.
+    c.model.conv_impl = "auto"
 
     # ---------------------------------------------------------------- diffusion
     c.diffusion = ml_collections.ConfigDict()

@@ -15,6 +15,21 @@ Pairing
   Both arms keep the same page filter (>= `min_images_per_page`, default 2) so that they train
   on exactly the same pages; only the index choice differs. Pairs mode needs >= 2.
 
+Similarity filtering (``pair_filter='similarity'``, the paper's semantic filter)
+  Shards augmented by `data_pipeline.similarity` carry ``pair_sim``: the page's full n x n
+  matrix of cosine similarities between the frozen encoder's pooled embeddings (row-major
+  float32). A (cond, target) pair (i, j), i != j, is *allowed* when ``sim_low <= s_ij <=
+  sim_high``; pages without an allowed pair are skipped, and pairs are drawn uniformly among the
+  allowed ordered pairs. The thresholds are applied here, so the same shards serve every
+  setting: with / without the filter (``pair_filter='none'`` ignores ``pair_sim``), the upper
+  threshold's effect, a sweep. ``'reconstruction'`` with the filter keeps the same pages and
+  uses the condition of an allowed pair as the target too (same page set in both arms).
+
+Label filters
+  ``include_labels`` / ``exclude_labels`` keep only pages whose ``label`` is / is not listed
+  (e.g. train on some classes, evaluate on held-out ones, without rebuilding shards). Both
+  filters run before `enumerate`, so positions (exact resume) are positions among kept pages.
+
 Determinism
   The indices are drawn with stateless randomness keyed by ``[seed, n]`` where n is the
   element's position in the (repeated, shuffled) page stream (`Dataset.enumerate` after the
@@ -27,11 +42,16 @@ Determinism
 
 Images
   Decoded with ``tf.io.decode_image(channels=3, expand_animations=False)`` (grey -> RGB, first
-  frame of a GIF), converted to float in [0, 1], resized to a square with
-  ``tf.image.resize(method='bicubic', antialias=True)`` and clipped. Non-square images are
-  resized WITHOUT cropping (aspect ratio is not kept). The condition is resized to
-  `cond_image_size` (the frozen encoder's own resolution) and stays in [0, 1] (the encoder applies
-  its own mean/std); the target is resized to `image_size` and mapped to [-1, 1].
+  frame of a GIF), resized to a square with ``tf.image.resize(method='bicubic',
+  antialias=True)`` (from the uint8 pixels: no full-size float copy), scaled to [0, 1] and
+  clipped. With ``jpeg_dct_scaling`` (default) a JPEG target is decoded at the largest DCT
+  scale 1/2, 1/4 or 1/8 whose shorter side is still >= ``image_size`` (libjpeg's scaled IDCT,
+  a box-like prefilter) before that resize: cheaper, and the pixels differ slightly from a full
+  decode (mean |diff| ~2/255 at 64 px on noisy photos); the condition is always decoded in
+  full (so cached tokens match it). Non-square images are resized WITHOUT cropping (aspect
+  ratio is not kept). The condition is resized to `cond_image_size` (the frozen encoder's own
+  resolution) and stays in [0, 1] (the encoder applies its own mean/std); the target is resized
+  to `image_size` and mapped to [-1, 1].
 
 Corrupt data
   A pair whose image fails to decode is dropped with a logged warning
@@ -74,6 +94,10 @@ import tensorflow as tf
 from data_pipeline import shards
 
 PAIRINGS = ("pairs", "reconstruction")
+PAIR_FILTERS = ("none", "similarity")
+# Feature added to page records by data_pipeline.similarity: the page's n x n cosine
+# similarities (row-major float32), see the module docstring.
+PAIR_SIM_FEATURE = "pair_sim"
 PAGE_HASH_BUCKETS = 2**62
 _MAX_INTERLEAVE = 16  # files read concurrently
 _MAX_EPOCHS = 2**62  # "repeat forever"
@@ -161,6 +185,12 @@ def make_pair_dataset(
     file_shuffle: bool = True,
     start_element: int = 0,
     cached_tokens: bool = False,
+    pair_filter: str = "none",
+    sim_low: float = -1.0,
+    sim_high: float = 1.0,
+    include_labels: Sequence[int] = (),
+    exclude_labels: Sequence[int] = (),
+    jpeg_dct_scaling: bool = True,
 ) -> tf.data.Dataset:
     """Batches of (cond, target) pairs from page shard `files` (see module docstring).
 
@@ -186,6 +216,14 @@ def make_pair_dataset(
         but never decoded, so skipping is cheap (no image decoding).
       cached_tokens: also emit `cond_tokens` / `cond_pooled` from embed_cache shards (every
         file's first record is checked for the features; see `check_cached_token_files`).
+      pair_filter: 'none', or 'similarity': only pairs with sim_low <= s <= sim_high of the
+        stored `pair_sim` matrix (every file's first record is checked for it).
+      sim_low, sim_high: the similarity thresholds (inclusive) of 'similarity'.
+      include_labels: keep only pages with one of these labels (empty = all).
+      exclude_labels: skip pages with one of these labels.
+      jpeg_dct_scaling: decode a JPEG *target* at the largest DCT scale 1/2, 1/4 or 1/8 whose
+        shorter side stays >= image_size, then resize as usual (see "Images"); the condition
+        is always fully decoded (its pixels match `semantica_jax.embed_cache`'s).
     """
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
@@ -202,9 +240,17 @@ def make_pair_dataset(
             f"min_images_per_page={min_images_per_page} is too small for pairing={pairing!r} "
             f"(needs >= {min_required})"
         )
+    if pair_filter not in PAIR_FILTERS:
+        raise ValueError(f"pair_filter must be one of {PAIR_FILTERS}, got {pair_filter!r}")
+    if pair_filter == "similarity" and not sim_low <= sim_high:
+        raise ValueError(f"sim_low={sim_low} > sim_high={sim_high}: no pair can be allowed")
+    include_labels = [int(x) for x in include_labels]
+    exclude_labels = [int(x) for x in exclude_labels]
     files = list(files)
     if not files:
         raise ValueError("make_pair_dataset got an empty list of files")
+    if pair_filter == "similarity":
+        check_pair_sim_files(files)
     token_shape, pooled_shape = check_cached_token_files(files) if cached_tokens else (None, None)
     parallel = tf.data.AUTOTUNE if num_parallel_calls == -1 else num_parallel_calls
 
@@ -219,9 +265,13 @@ def make_pair_dataset(
             )
         else:
             ds = file_order.flat_map(tf.data.TFRecordDataset)
-        ds = ds.map(functools.partial(_parse, cached_tokens=cached_tokens),
+        ds = ds.map(functools.partial(_parse, cached_tokens=cached_tokens,
+                                      pair_filter=pair_filter, sim_low=sim_low,
+                                      sim_high=sim_high, pairing=pairing),
                     num_parallel_calls=parallel, deterministic=True)
-        return ds.filter(lambda page: page["num_images"] >= min_images_per_page)
+        return ds.filter(functools.partial(
+            _keep_page, min_images=min_images_per_page, pair_filter=pair_filter,
+            include_labels=include_labels, exclude_labels=exclude_labels))
 
     file_names = tf.data.Dataset.from_tensor_slices(files)
     cached = None
@@ -253,20 +303,28 @@ def make_pair_dataset(
         ds = ds.skip(int(start_element))
 
     def make_pair(counter: tf.Tensor, page: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        cond_index, target_index = _choose_indices(seed, counter, page["num_images"], pairing)
+        cond_index, target_index = _choose_indices(
+            seed, counter, page["num_images"], pairing, page.get("allowed"))
         if cache_decoded:
             cond_img = _cached_image(page, cond_index)
             target_img = (
                 cond_img if pairing == "reconstruction" else _cached_image(page, target_index)
             )
+            target = _resize(target_img, image_size)
+            cond = _resize(cond_img, cond_image_size)
         else:
-            cond_img = _decode(page["images"][cond_index])
-            target_img = (
-                cond_img if pairing == "reconstruction" else _decode(page["images"][target_index])
-            )
+            cond_u8 = _decode_u8(page["images"][cond_index])
+            if pairing == "reconstruction":
+                target_u8 = cond_u8
+            elif jpeg_dct_scaling:
+                target_u8 = _decode_u8_at_least(page["images"][target_index], image_size)
+            else:
+                target_u8 = _decode_u8(page["images"][target_index])
+            target = _resize_u8(target_u8, image_size)
+            cond = _resize_u8(cond_u8, cond_image_size)
         pair = {
-            "target": _resize(target_img, image_size) * 2.0 - 1.0,
-            "cond": _resize(cond_img, cond_image_size),
+            "target": target * 2.0 - 1.0,
+            "cond": cond,
             "label": tf.cast(page["label"], tf.int32),
             "page_hash": page["page_hash"],
             "cond_index": cond_index,
@@ -308,7 +366,8 @@ def create_train_dataset(
     if seed is not None:
         kwargs["seed"] = int(seed)
     return make_pair_dataset(files, batch_size=batch_size, shuffle=True, repeat=True,
-                             start_element=start_element, **kwargs)
+                             start_element=start_element, **kwargs,
+                             **_label_kwargs(config, "train"))
 
 
 def create_eval_dataset(
@@ -322,7 +381,8 @@ def create_eval_dataset(
     files = _process_files(config, "eval_files", process_index, process_count)
     kwargs = _common_kwargs(config)
     kwargs["cache_decoded"] = False  # a single pass gains nothing from a cache
-    return make_pair_dataset(files, batch_size=batch_size, shuffle=False, repeat=False, **kwargs)
+    return make_pair_dataset(files, batch_size=batch_size, shuffle=False, repeat=False, **kwargs,
+                             **_label_kwargs(config, "eval"))
 
 
 # --------------------------------------------------------------------------- internals
@@ -354,10 +414,28 @@ def _common_kwargs(config: Any) -> dict[str, Any]:
         cache_decoded=bool(d.cache_decoded),
         file_shuffle=bool(d.file_shuffle),
         cached_tokens=bool(config.encoder.cached_tokens),
+        pair_filter=d.pair_filter,
+        sim_low=float(d.sim_low),
+        sim_high=float(d.sim_high),
+        jpeg_dct_scaling=bool(d.jpeg_dct_scaling),
     )
 
 
-def _parse(serialized: tf.Tensor, cached_tokens: bool = False) -> dict[str, tf.Tensor]:
+def _label_kwargs(config: Any, split: str) -> dict[str, Any]:
+    d = config.data
+    prefix = "" if split == "train" else "eval_"
+    return dict(include_labels=tuple(d[prefix + "include_labels"]),
+                exclude_labels=tuple(d[prefix + "exclude_labels"]))
+
+
+def _parse(
+    serialized: tf.Tensor,
+    cached_tokens: bool = False,
+    pair_filter: str = "none",
+    sim_low: float = -1.0,
+    sim_high: float = 1.0,
+    pairing: str = "pairs",
+) -> dict[str, tf.Tensor]:
     page = shards.parse_page(serialized)
     out = {
         "images": page["images"],
@@ -370,7 +448,37 @@ def _parse(serialized: tf.Tensor, cached_tokens: bool = False) -> dict[str, tf.T
             serialized, {k: CACHED_TOKEN_FEATURES[k] for k in ("tokens", "pooled")}
         )
         out.update(tokens=cached["tokens"], pooled=cached["pooled"])
+    if pair_filter == "similarity":
+        sim = tf.io.parse_single_example(
+            serialized, {PAIR_SIM_FEATURE: tf.io.RaggedFeature(tf.float32)})[PAIR_SIM_FEATURE]
+        n = page["num_images"]
+        # A matrix of the wrong size (a page changed after the similarities were computed)
+        # allows nothing, so the page is skipped rather than mis-indexed.
+        ok = tf.equal(tf.size(sim), n * n)
+        sim = tf.cond(ok, lambda: sim, lambda: tf.fill([n * n], float("nan")))
+        allowed = tf.logical_and(sim >= sim_low, sim <= sim_high)
+        off_diagonal = tf.reshape(tf.logical_not(tf.eye(n, dtype=tf.bool)), [-1])
+        out["allowed"] = tf.logical_and(allowed, off_diagonal)
     return out
+
+
+def _keep_page(
+    page: dict[str, tf.Tensor],
+    min_images: int,
+    pair_filter: str,
+    include_labels: Sequence[int],
+    exclude_labels: Sequence[int],
+) -> tf.Tensor:
+    keep = page["num_images"] >= min_images
+    if pair_filter == "similarity":
+        keep = tf.logical_and(keep, tf.reduce_any(page["allowed"]))
+    label = page["label"]
+    if include_labels:
+        keep = tf.logical_and(keep, tf.reduce_any(tf.equal(label, tf.constant(include_labels, tf.int64))))
+    if exclude_labels:
+        keep = tf.logical_and(
+            keep, tf.logical_not(tf.reduce_any(tf.equal(label, tf.constant(exclude_labels, tf.int64)))))
+    return keep
 
 
 def _epoch_seed(seed: int, epoch: tf.Tensor, stream: int) -> tf.Tensor:
@@ -379,12 +487,26 @@ def _epoch_seed(seed: int, epoch: tf.Tensor, stream: int) -> tf.Tensor:
 
 
 def _choose_indices(
-    seed: int, counter: tf.Tensor, num_images: tf.Tensor, pairing: str
+    seed: int,
+    counter: tf.Tensor,
+    num_images: tf.Tensor,
+    pairing: str,
+    allowed: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """(cond, target) indices in [0, num_images), distinct for 'pairs', keyed by [seed, counter]."""
+    """(cond, target) indices in [0, num_images), distinct for 'pairs', keyed by [seed, counter].
+
+    With `allowed` (the flattened n x n mask of the similarity filter) the pair is uniform over
+    the allowed ordered pairs; for 'reconstruction' its condition is used twice.
+    """
     key = tf.stack([tf.constant(seed, tf.int64), tf.cast(counter, tf.int64)])
     draws = tf.random.stateless_uniform([2], seed=key, minval=0, maxval=2**62, dtype=tf.int64)
     n = tf.cast(num_images, tf.int64)
+    if allowed is not None:
+        flat = tf.where(allowed)[:, 0]  # int64 positions i * n + j of the allowed pairs
+        chosen = flat[draws[0] % tf.size(flat, out_type=tf.int64)]
+        cond = chosen // n
+        target = cond if pairing == "reconstruction" else chosen % n
+        return tf.cast(cond, tf.int32), tf.cast(target, tf.int32)
     cond = draws[0] % n
     if pairing == "reconstruction":
         target = cond
@@ -397,6 +519,42 @@ def _decode(encoded: tf.Tensor) -> tf.Tensor:
     """Encoded image bytes -> float32 [H, W, 3] in [0, 1]."""
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     return tf.image.convert_image_dtype(image, tf.float32)
+
+
+def _decode_u8(encoded: tf.Tensor) -> tf.Tensor:
+    """Encoded image bytes -> uint8 [H, W, 3]."""
+    return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_DCT_RATIOS = (1, 2, 4, 8)
+
+
+def _decode_u8_at_least(encoded: tf.Tensor, size: int) -> tf.Tensor:
+    """uint8 [H', W', 3]: a JPEG decoded at the largest DCT scale 1/r (r in 1, 2, 4, 8) whose
+    shorter side ceil(min(H, W) / r) is still >= `size` (libjpeg scales in the DCT domain, much
+    cheaper than decoding full size and resizing); other formats fully decoded."""
+
+    def jpeg() -> tf.Tensor:
+        shape = tf.image.extract_jpeg_shape(encoded)
+        short = tf.minimum(shape[0], shape[1])
+        branch = tf.constant(0, tf.int32)
+        for k, r in enumerate(_DCT_RATIOS[1:], start=1):
+            branch = tf.where((short + r - 1) // r >= size, k, branch)
+        return tf.switch_case(branch, [
+            functools.partial(tf.io.decode_jpeg, encoded, channels=3, ratio=r)
+            for r in _DCT_RATIOS])
+
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC)
+    return tf.cond(is_jpeg, jpeg, lambda: _decode_u8(encoded))
+
+
+def _resize_u8(image: tf.Tensor, size: int) -> tf.Tensor:
+    """uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 1]; equals `_resize(_decode(...))` up to
+    float rounding (the resize is linear), without a full-size float conversion pass."""
+    image = tf.image.resize(image, [size, size], method="bicubic", antialias=True)
+    image = tf.clip_by_value(image * (1.0 / 255.0), 0.0, 1.0)
+    return tf.ensure_shape(image, [size, size, 3])
 
 
 def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -500,6 +658,23 @@ def check_cached_token_files(files: Sequence[str]) -> tuple[list[int], list[int]
     if shapes is None:
         raise ValueError(f"no records in any of {len(files)} cached-token files ({files[:3]})")
     return shapes
+
+
+def check_pair_sim_files(files: Sequence[str]) -> None:
+    """Checks that every file's first record has `PAIR_SIM_FEATURE` (pair_filter='similarity').
+
+    Raises:
+      ValueError: naming the first file without it (not written by data_pipeline.similarity).
+    """
+    for path in files:
+        for record in tf.data.TFRecordDataset(path).take(1):
+            feats = tf.train.Example.FromString(record.numpy()).features.feature
+            if PAIR_SIM_FEATURE not in feats:
+                raise ValueError(
+                    f"{path} has no '{PAIR_SIM_FEATURE}' feature but config.data.pair_filter="
+                    "'similarity': compute it with `python -m data_pipeline.similarity "
+                    "--shards=... --out_dir=...` and point config.data.*_files at the output"
+                )
 
 
 def check_cache_identity(files: Sequence[str], encoder_config: Any) -> None:

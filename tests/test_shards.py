@@ -274,7 +274,7 @@ def test_fashion_mnist_build(fake_fmnist, tmp_path):
     )
     assert result["skipped"] is False
     assert sorted(os.listdir(out)) == sorted(
-        ["stats.json"]
+        ["stats.json", "train-stats.json", "eval-stats.json"]
         + [f"train-{i:05d}-of-00004.tfrecord" for i in range(4)]
         + [f"eval-{i:05d}-of-00002.tfrecord" for i in range(2)]
     )
@@ -283,7 +283,7 @@ def test_fashion_mnist_build(fake_fmnist, tmp_path):
     assert on_disk["params"]["images_per_page"] == 2 and on_disk["params"]["seed"] == 3
 
     for split, prefix in (("train", "train"), ("test", "eval")):
-        pages = _all_pages(sorted(tf.io.gfile.glob(os.path.join(out, f"{prefix}-*"))))
+        pages = _all_pages(sorted(tf.io.gfile.glob(os.path.join(out, f"{prefix}-*.tfrecord"))))
         used = []
         for page in pages:
             label = page["label"]
@@ -292,7 +292,8 @@ def test_fashion_mnist_build(fake_fmnist, tmp_path):
             assert len(page["images"]) == 2
             for data in page["images"]:
                 pixels = _decode(data)
-                assert pixels.shape == (28, 28, 1)  # grey, lossless
+                assert pixels.shape == (28, 28, 3)  # grey replicated to RGB, lossless PNG
+                assert (pixels == pixels[..., :1]).all()
                 k = int(pixels[0, 0, 0])
                 assert k % 10 == label  # every image of the page has the page's class
                 used.append(k)
