@@ -3,6 +3,8 @@
 # shards, the frozen encoder's token cache, then the tiny experiment end to end on this
 # machine's CPU (2 fake devices, data-parallel). Leaves TensorBoard events, sample grids (PNG), an Orbax checkpoint and
 # metrics.json in the workdir.
+# Then exports the final checkpoint, evaluates it (few-shot metrics, eval/*.json + grids) and
+# writes a semantica-vary grid of two held-out images.
 # Usage: bash launch/local.sh [CONFIG] [extra main.py flags...]
 #   CONFIG defaults to experiments/semantica_tiny.py; WORKDIR env var overrides the workdir.
 set -euo pipefail
@@ -37,10 +39,29 @@ export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=2}"
 # 3. Train.
 "$PYBIN" -m semantica_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"
 
+# 4. Export the final checkpoint (EMA params + config), evaluate the export with the few-shot
+#    protocol (the config's `eval` section), and vary two held-out images with semantica-vary.
+"$PYBIN" -m semantica_jax.main --mode=export --workdir="$WORKDIR" --export_dir="$WORKDIR/export"
+"$PYBIN" -m semantica_jax.main --mode=eval --config="$CONFIG" --workdir="$WORKDIR" \
+    --eval_export="$WORKDIR/export" "$@"
+mkdir -p "$WORKDIR/vary"
+"$PYBIN" - "$DATA_DIR/eval-00001-of-00002.tfrecord" "$WORKDIR/vary" <<'PY'
+import sys
+from data_pipeline import shards
+src, out = sys.argv[1], sys.argv[2]
+for i, page in zip(range(2), shards.read_pages(src)):
+    open(f"{out}/input_{i}.png", "wb").write(page["images"][0])
+PY
+"$PYBIN" -m semantica_jax.vary --export="$WORKDIR/export" --image "$WORKDIR"/vary/input_0.png \
+    "$WORKDIR"/vary/input_1.png --num=8 --steps=100 --seed=0 --out="$WORKDIR/vary/grid.png" >/dev/null
+
 echo
 echo "Results in $WORKDIR:"
-echo "  metrics:      $WORKDIR/metrics.json"
-echo "  sample grids: $(ls "$WORKDIR"/samples/*.png 2>/dev/null | tail -n 1)"
-echo "  checkpoints:  $WORKDIR/checkpoints/$(ls "$WORKDIR/checkpoints" | sort -n | tail -n 1)"
-echo "  TensorBoard:  $PYBIN -m tensorboard.main --logdir $WORKDIR"
+echo "  train metrics:  $WORKDIR/metrics.json"
+echo "  sample grids:   $(ls "$WORKDIR"/samples/*.png 2>/dev/null | tail -n 1)"
+echo "  checkpoints:    $WORKDIR/checkpoints/$(ls "$WORKDIR/checkpoints" | sort -n | tail -n 1)"
+echo "  export:         $WORKDIR/export"
+echo "  few-shot eval:  $(ls "$WORKDIR"/eval/export_step_*.json | tail -n 1) (+ eval/grids/*.png)"
+echo "  vary:           $WORKDIR/vary/grid.png (semantica-vary on two held-out images)"
+echo "  TensorBoard:    $PYBIN -m tensorboard.main --logdir $WORKDIR"
 cat "$WORKDIR/metrics.json"
