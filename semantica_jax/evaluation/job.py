@@ -90,7 +90,9 @@ class Evaluator:
         with fewshot.timed("Loading the eval set"):
             self.eval_set = fewshot.load_eval_set(
                 files, image_size=size, cond_size=cond, group_by=ec.group_by, max_groups=int(ec.max_groups),
-                max_per_group=int(ec.max_real_per_group), seed=int(ec.seed))
+                max_per_group=int(ec.max_real_per_group), seed=int(ec.seed),
+                include_labels=tuple(config.data.eval_include_labels),
+                exclude_labels=tuple(config.data.eval_exclude_labels))
         self.plan = fewshot.make_plan(self.eval_set, int(ec.shots), int(ec.samples_per_condition), int(ec.seed))
         logging.info("Eval set: %d images in %d groups from %d files (%d skipped); %d conditions x %d samples",
                      len(self.eval_set.images), self.eval_set.num_groups, len(files),
@@ -105,6 +107,8 @@ class Evaluator:
         base_key = {"extractor": self.extractor.cache_key, "image_size": size}
         key = {**base_key, "files": fewshot.files_fingerprint(files), "group_by": ec.group_by,
                "max_groups": int(ec.max_groups), "max_real_per_group": int(ec.max_real_per_group),
+               "include_labels": [int(v) for v in config.data.eval_include_labels],
+               "exclude_labels": [int(v) for v in config.data.eval_exclude_labels],
                "seed": int(ec.seed), "n": len(self.eval_set.images)}
         with fewshot.timed(f"Reference features ({self.extractor.description})"):
             self.real_feats = cache.get_or_compute(key, lambda: self.extractor(self.eval_set.images))
@@ -151,7 +155,8 @@ class Evaluator:
             "step": step, "tag": tag, "source": model.info.get("source", {}).get("checkpoint", model.path),
             "extractor": self.extractor.description, "feature_dim": int(self.real_feats.shape[1]),
             "groups": es.num_groups, "shots": int(ec.shots), "samples_per_condition": m,
-            "group_by": ec.group_by, "probe_accuracy_real": self.probe_accuracy, "by_guidance": {},
+            "group_by": ec.group_by, "probe_accuracy_real": self.probe_accuracy,
+            "eval_config": ec.to_dict(), "eval_files": self.eval_set.files, "by_guidance": {},
         }
         for scale in ec.guidance_scales:
             settings = sampling.SamplerSettings(ec.sampler, int(ec.num_steps), float(scale),
