@@ -54,7 +54,7 @@ def time_forward(forward, params, batch: int, resolution: int, iters: int) -> tu
     return first, statistics.median(times)
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="dinov2", choices=sorted(vit.FAMILIES))
     parser.add_argument("--sizes", default="S,B,L,g")
@@ -66,14 +66,15 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--step_batch", type=int, default=32, help="training batch for the "
                         "per-step encoder cost (0 = skip)")
-    args = parser.parse_args()
+    parser.add_argument("--json", default="", help="also write the rows here (benchmarks/run_all.py)")
+    args = parser.parse_args(argv)
     sizes = args.sizes.split(",")
     resolutions = [int(r) for r in args.resolutions.split(",")]
     print(f"JAX {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPU cores, "
           f"family {args.family}, patch {args.patch}, stored grid {args.pretrain} px")
     print("| size | params (M) | px | tokens | batch | compile+1st (s) | ms/image | images/s |")
     print("|---|---|---|---|---|---|---|---|")
-    step_rows = []
+    step_rows, rows = [], []
     for size in sizes:
         for res in resolutions:
             batch = args.batch or (32 if res < 100 else (8 if size in ("tiny", "S", "B") else 2))
@@ -83,6 +84,9 @@ def main() -> None:
             tokens = model.num_prefix_tokens + (res // args.patch) ** 2
             print(f"| {size} | {n_params:.1f} | {res} | {tokens} | {batch} | {first:.1f} | "
                   f"{1e3 * per_call / batch:.2f} | {batch / per_call:.1f} |", flush=True)
+            rows.append({"size": size, "params_M": n_params, "image_size": res, "tokens": tokens,
+                         "batch": batch, "compile_and_first_s": first,
+                         "images_per_s": batch / per_call})
             if args.step_batch and res == min(resolutions):
                 step = per_call if batch == args.step_batch else time_forward(
                     forward, params, args.step_batch, res, args.iters)[1]
@@ -93,6 +97,14 @@ def main() -> None:
               "tokens remove it:")
         for size, res, step in step_rows:
             print(f"  {size} at {res} px: {1e3 * step:.1f} ms/step")
+    result = {"family": args.family, "rows": rows,
+              "step_cost": [{"size": s, "image_size": r, "batch": args.step_batch, "seconds": t}
+                            for s, r, t in step_rows]}
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":

@@ -137,19 +137,22 @@ def make_train_step(config, unet: nn.Module, encoder: encoder_lib.FrozenEncoder,
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
         d = ema_decay_at(state.step, config.optimizer.ema_decay)
-        new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, new_params)
 
-        # A non-finite step never touches the state: the host raises (or counts a skip).
+        def update(params, ema_params, opt_state):
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, new_params)
+            return new_params, new_ema, new_opt_state
+
+        # A non-finite step never touches the state: the host raises (or counts a skip). A
+        # conditional rather than a select per leaf: the select was a full extra pass over
+        # params, EMA and both Adam moments every step (~8 % of an S step on CPU).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_params, new_ema, new_opt_state = jax.lax.cond(
+            finite, update, lambda *old: old, state.params, state.ema_params, state.opt_state)
         new_state = state.replace(
-            step=state.step + 1,
-            params=keep(new_params, state.params),
-            ema_params=keep(new_ema, state.ema_params),
-            opt_state=keep(new_opt_state, state.opt_state),
+            step=state.step + 1, params=new_params, ema_params=new_ema, opt_state=new_opt_state,
         )
         step_metrics = TrainMetrics.single_from_model_output(
             loss=jnp.where(finite, loss, 0.0),
@@ -338,7 +341,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
     mesh = sharding.create_mesh(config.mesh) if mesh is None else mesh
     rules = sharding.axis_rules(config)
     encoder = encoder_lib.FrozenEncoder.from_config(config.encoder)
-    unet = unet_lib.unet_from_config(config.model)
+    unet = unet_lib.unet_from_config(config.model, platform=mesh.devices.flat[0].platform)
     tx, lr_schedule = make_optimizer(config.optimizer, int(config.train.num_steps))
     size, cond_size = config.data.image_size, config.encoder.image_size
 

@@ -131,6 +131,7 @@ def conv(
     out_name: str = "conv_out",
     dtype: Dtype = jnp.float32,
     kernel_init: Initializer = default_kernel_init,
+    impl: str = "xla",
     name: str | None = None,
 ) -> nn.Conv:
     """An `nn.Conv` (NHWC): kernel names ('conv_h', 'conv_w', in_name, out_name), bias (out_name,).
@@ -138,6 +139,9 @@ def conv(
     The first/last convolutions of a network, whose in/out side is the 3 RGB channels, pass
     `in_name='channels'` / `out_name='channels'` (replicated): a 3-wide dimension cannot be
     sharded over the 'fsdp' / 'model' mesh axes that 'conv_in' / 'conv_out' map to.
+
+    `impl` picks how the convolution is computed (`CONV_IMPLS`); parameters (names, shapes,
+    init) are the same for every impl, so checkpoints move freely between them.
     """
     return nn.Conv(
         features,
@@ -148,8 +152,85 @@ def conv(
         param_dtype=PARAM_DTYPE,
         kernel_init=partitioned(kernel_init, ("conv_h", "conv_w", in_name, out_name)),
         bias_init=partitioned(nn.initializers.zeros_init(), (out_name,)),
+        conv_general_dilated=conv_fn(impl),
         name=name,
     )
+
+
+# ---------------------------------------------------------------------------- convolution impls
+# How a UNet convolution is computed (config.model.conv_impl):
+#   'xla'    : lax.conv_general_dilated (XLA's convolution; what TPUs and GPUs want).
+#   'matmul' : im2col: the k*k shifted views of the padded input concatenated on the channel axis,
+#              then ONE [B*H*W, k*k*Cin] @ [k*k*Cin, Cout] matmul (a 1x1 conv is a plain matmul).
+#              Same FLOPs; every pass (forward, input- and filter-gradient) becomes a large GEMM.
+#              On XLA:CPU the filter-gradient convolution runs at 10-20 % of the matmul peak,
+#              the GEMMs at 50-90 % (benchmarks/profile_step.py). Costs k*k x the input's memory
+#              for the patches (kept for the backward pass). Convolutions with k*k*Cin <
+#              MATMUL_CONV_MIN_DEPTH, dilated or grouped ones stay XLA convolutions.
+CONV_IMPLS = ("xla", "matmul")
+# 'matmul' keeps XLA convolutions whose GEMM depth k*k*Cin is below this: thin GEMMs do not pay
+# for the patch copies (measured: the tiny denoiser's 16-64 channel convolutions ran 1.3-1.5x
+# slower as GEMMs; the S denoiser's >= 128 channel ones 1.5x faster).
+MATMUL_CONV_MIN_DEPTH = 1024
+
+
+def _same_pads(size: int, k: int, stride: int) -> tuple[int, int]:
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def matmul_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                rhs_dilation=None, dimension_numbers=None,
+                                feature_group_count=1, precision=None, **kw):
+    """`lax.conv_general_dilated` for NHWC x HWIO 2-D convolutions as im2col + one matmul.
+
+    Anything else (dilation, groups, other layouts) and convolutions shallower than
+    MATMUL_CONV_MIN_DEPTH fall back to lax.conv_general_dilated.
+    """
+    dims = 2
+    plain = (lhs.ndim == 4 and rhs.ndim == 4 and feature_group_count == 1 and not kw
+             and all(d == 1 for d in (lhs_dilation or (1,) * dims))
+             and all(d == 1 for d in (rhs_dilation or (1,) * dims))
+             and (dimension_numbers is None or tuple(dimension_numbers) in (
+                 ("NHWC", "HWIO", "NHWC"),
+                 jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))))
+    if not plain or rhs.shape[0] * rhs.shape[1] * rhs.shape[2] < MATMUL_CONV_MIN_DEPTH:
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision, **kw)
+    kh, kw_, cin, cout = rhs.shape
+    b, h, w, _ = lhs.shape
+    sh, sw = window_strides
+    if isinstance(padding, str):
+        if padding == "SAME":
+            pads = (_same_pads(h, kh, sh), _same_pads(w, kw_, sw))
+        elif padding == "VALID":
+            pads = ((0, 0), (0, 0))
+        else:
+            raise ValueError(f"matmul conv: unsupported padding {padding!r}")
+    else:
+        pads = tuple(tuple(p) for p in padding)
+    ho = (h + pads[0][0] + pads[0][1] - kh) // sh + 1
+    wo = (w + pads[1][0] + pads[1][1] - kw_) // sw + 1
+    if kh == kw_ == 1 and pads == ((0, 0), (0, 0)):
+        x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
+        return jnp.einsum("bhwc,cd->bhwd", x, rhs[0, 0], precision=precision)
+    xp = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
+    cols = jnp.concatenate(
+        [xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+         for i in range(kh) for j in range(kw_)], axis=-1)
+    return jnp.einsum("bhwk,kd->bhwd", cols, rhs.reshape(kh * kw_ * cin, cout), precision=precision)
+
+
+def conv_fn(impl: str):
+    """The `conv_general_dilated` callable for `impl` (see CONV_IMPLS)."""
+    if impl == "xla":
+        return None  # nn.Conv's default, lax.conv_general_dilated
+    if impl == "matmul":
+        return matmul_conv_general_dilated
+    raise ValueError(f"config.model.conv_impl={impl!r}; expected one of {CONV_IMPLS}")
 
 
 class LayerScale(nn.Module):

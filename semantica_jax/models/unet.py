@@ -66,21 +66,22 @@ class ResBlock(nn.Module):
     out_channels: int
     dropout: float = 0.0
     dtype: layers.Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
         c = self.out_channels
         h = layers.group_norm(x.shape[-1], dtype=self.dtype, name="norm1")(x)
-        h = layers.conv(c, 3, dtype=self.dtype, name="conv1")(nn.swish(h))
+        h = layers.conv(c, 3, dtype=self.dtype, impl=self.conv_impl, name="conv1")(nn.swish(h))
         scale_shift = layers.dense(
             2 * c, ("embed", "conv_out"), ("conv_out",), dtype=self.dtype, name="temb_proj"
         )(nn.swish(temb))
         scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
         h = layers.group_norm(c, dtype=self.dtype, name="norm2")(h) * (1 + scale) + shift
         h = nn.Dropout(self.dropout)(nn.swish(h), deterministic=not train)
-        h = layers.conv(c, 3, dtype=self.dtype, name="conv2")(h)
+        h = layers.conv(c, 3, dtype=self.dtype, impl=self.conv_impl, name="conv2")(h)
         if x.shape[-1] != c:
-            x = layers.conv(c, 1, dtype=self.dtype, name="skip")(x)
+            x = layers.conv(c, 1, dtype=self.dtype, impl=self.conv_impl, name="skip")(x)
         return layers.constrain_image(x + h)
 
 
@@ -125,6 +126,8 @@ class UNet(nn.Module):
       remat: rematerialise TransformerBlocks in the backward pass.
       remat_policy: what a rematerialised block keeps (`sharding.REMAT_POLICIES`: 'full' keeps
         nothing, 'dots_saveable' / 'dots_with_no_batch_dims_saveable' keep matmul outputs).
+      conv_impl: how convolutions are computed (`layers.CONV_IMPLS`: 'xla' convolutions or
+        'matmul' im2col GEMMs); the parameters are the same either way.
     """
 
     channels: tuple[int, ...]
@@ -139,6 +142,7 @@ class UNet(nn.Module):
     out_channels: int = 3
     remat: bool = False
     remat_policy: str = "full"
+    conv_impl: str = "xla"
 
     @property
     def resolved_cond_dim(self) -> int:
@@ -287,13 +291,13 @@ class UNet(nn.Module):
             attn_cls = nn.remat(TransformerBlock, policy=sharding.remat_policy(self.remat_policy))
 
         def res_block(c: int, name: str) -> ResBlock:
-            return ResBlock(c, dropout=self.dropout, dtype=dtype, name=name)
+            return ResBlock(c, dropout=self.dropout, dtype=dtype, conv_impl=self.conv_impl, name=name)
 
         def attn_block(name: str) -> TransformerBlock:
             return attn_cls(self.num_heads, mlp_ratio=self.mlp_ratio, dtype=dtype, name=name)
 
         h = layers.conv(
-            self.channels[0], 3, in_name="channels", dtype=dtype, name="conv_in"
+            self.channels[0], 3, in_name="channels", dtype=dtype, impl=self.conv_impl, name="conv_in"
         )(x.astype(dtype))
         h = layers.constrain_image(h)
         skips = [h]
@@ -305,7 +309,8 @@ class UNet(nn.Module):
                     h = attn_block(f"down_{i}_attn_{j}")(h, cond)
                 skips.append(h)
             if i != last:
-                h = layers.conv(c, 3, strides=2, dtype=dtype, name=f"down_{i}_downsample")(h)
+                h = layers.conv(c, 3, strides=2, dtype=dtype, impl=self.conv_impl,
+                                name=f"down_{i}_downsample")(h)
                 h = layers.constrain_image(h)
                 skips.append(h)
 
@@ -322,7 +327,7 @@ class UNet(nn.Module):
                     h = attn_block(f"up_{i}_attn_{j}")(h, cond)
             if i != 0:
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest x2
-                h = layers.conv(c, 3, dtype=dtype, name=f"up_{i}_upsample")(h)
+                h = layers.conv(c, 3, dtype=dtype, impl=self.conv_impl, name=f"up_{i}_upsample")(h)
                 h = layers.constrain_image(h)
         assert not skips, "internal error: unused skip connections"
 
@@ -333,17 +338,33 @@ class UNet(nn.Module):
             out_name="channels",
             dtype=dtype,
             kernel_init=nn.initializers.zeros_init(),
+            impl=self.conv_impl,
             name="conv_out",
         )(h)
         return out.astype(jnp.float32)
 
 
-def unet_from_config(model_config: Any) -> UNet:
+def resolve_conv_impl(conv_impl: str, platform: str | None = None) -> str:
+    """`model.conv_impl` with 'auto' resolved for `platform` (default: JAX's default backend):
+    'matmul' on CPU, 'xla' elsewhere."""
+    if conv_impl == "auto":
+        platform = platform or jax.default_backend()
+        return "matmul" if platform == "cpu" else "xla"
+    if conv_impl not in layers.CONV_IMPLS:
+        raise ValueError(
+            f"model.conv_impl={conv_impl!r}; expected 'auto' or one of {layers.CONV_IMPLS}"
+        )
+    return conv_impl
+
+
+def unet_from_config(model_config: Any, platform: str | None = None) -> UNet:
     """Builds the UNet from `config.model`.
 
     `model.size` picks a `config_lib.UNET_SIZES` entry; `model.channels` (non-empty),
     `model.num_res_blocks` (!= -1) and `model.num_heads` (!= -1) override it.
-    `model.remat_policy` is checked even when `model.remat` is off.
+    `model.remat_policy` is checked even when `model.remat` is off. `platform` (the mesh's
+    device platform, e.g. 'cpu' / 'tpu') resolves `model.conv_impl='auto'`; None = JAX's
+    default backend.
     """
     size = model_config.size
     if size not in config_lib.UNET_SIZES:
@@ -369,4 +390,5 @@ def unet_from_config(model_config: Any) -> UNet:
         dtype=model_config.dtype,
         remat=bool(model_config.remat),
         remat_policy=str(model_config.remat_policy),
+        conv_impl=resolve_conv_impl(str(model_config.get("conv_impl", "xla")), platform),
     )
