@@ -38,6 +38,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _set_devices_env(n: int) -> None:
+    """N fake CPU devices (set before jax is imported); n == 0: the host's real devices
+    (GPU/TPU), platform left to JAX."""
+    if n == 0:
+        return
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
@@ -87,14 +91,18 @@ def bench_config(name: str, batch: int = 0, overrides: tuple[str, ...] = ()):
 
 
 # ============================================================================ in-process pieces
+PEAK_DTYPE = "float32"  # --peak_dtype: bfloat16 for a GPU/TPU run of a bfloat16 config
+
+
 def matmul_peak(n: int = 2048, reps: int = 5):
-    """Best FLOP/s of a jitted float32 [n, n] @ [n, n] on the first device (all cores)."""
+    """Best FLOP/s of a jitted [n, n] @ [n, n] (PEAK_DTYPE) on the first device (all cores)."""
     import jax
     import jax.numpy as jnp
 
     dev = jax.devices()[0]
-    a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32), dev)
-    b = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32), dev)
+    dt = jnp.dtype(PEAK_DTYPE)
+    a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (n, n), dt), dev)
+    b = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (n, n), dt), dev)
     f = jax.jit(lambda a, b: a @ b)
     f(a, b).block_until_ready()
     best = float("inf")
@@ -106,7 +114,8 @@ def matmul_peak(n: int = 2048, reps: int = 5):
 
 
 def step_flops(config) -> float:
-    """FLOPs of one update step at the global batch, from XLA's cost analysis on one device."""
+    """FLOPs of one update step at the global batch, from XLA's cost analysis on one device
+    (with XLA convolutions, see below)."""
     import jax
     from semantica_jax import train
 
@@ -114,6 +123,9 @@ def step_flops(config) -> float:
 
     one = config.copy_and_resolve_references()
     one.mesh.data, one.mesh.fsdp, one.mesh.model = -1, 1, 1
+    # The model's FLOPs, whatever computes the convolutions: XLA counts a convolution's valid
+    # taps only, while im2col GEMMs also count the zero padding (+4 % for S at 64 px).
+    one.model.conv_impl = "xla"
     mesh = sharding.create_mesh(one.mesh, jax.devices()[:1])
     config = one
     trainer = train.build_trainer(config, mesh)
@@ -232,17 +244,21 @@ DEFAULT_BATCH = {"tiny": 32, "S": 8, "B": 8, "L": 8}
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tiny,S")
-    p.add_argument("--devices", default="1,2")
+    p.add_argument("--devices", default="1,2",
+                   help="fake CPU device counts, one process each; 0 = the host's real devices (GPU)")
     p.add_argument("--batch", type=int, default=0, help="global batch; 0 = per-config default")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--peak_n", type=int, default=2048)
+    p.add_argument("--peak_dtype", default="float32", help="dtype of the peak matmul")
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     p.add_argument("--profile_dir", default="")
     p.add_argument("--json", default="")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    global PEAK_DTYPE
+    PEAK_DTYPE = args.peak_dtype
     if args.child:
         _set_devices_env(int(args.devices))
         config = bench_config(args.config, args.batch, tuple(args.set))
@@ -253,6 +269,7 @@ def main(argv=None) -> list[dict]:
         return [row]
 
     extra = [f"--rounds={args.rounds}", f"--steps={args.steps}", f"--peak_n={args.peak_n}",
+             f"--peak_dtype={args.peak_dtype}",
              *[f"--set={s}" for s in args.set]]
     rows = []
     print(HEADER, flush=True)

@@ -117,7 +117,7 @@ def log_restore(step: int, directory: str) -> None:
 _FREE_FIELDS = (
     "train.num_steps", "train.log_every", "train.checkpoint_every", "train.eval_every",
     "train.sample_every", "train.eval_batches", "train.max_to_keep", "train.async_checkpointing",
-    "train.profile_steps", "train.allow_config_change", "train.record_data_ids", "sample.", "eval.", "mesh.",
+    "train.profile_steps", "model.conv_impl", "train.allow_config_change", "train.record_data_ids", "sample.", "eval.", "mesh.",
     "data.eval_files", "data.num_parallel_calls", "data.prefetch",
 )
 # Fields that change parameter shapes or tree structure: a checkpoint cannot be restored across them.
@@ -146,6 +146,11 @@ def check_config_compatible(saved: dict, config: ml_collections.ConfigDict, *, w
     old, new = _flatten(saved), _flatten(config_to_json_dict(config))
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     keys = [k for k in keys if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in _FREE_FIELDS)]
+    # Fields added to the code after the checkpoint was written: unchanged when at their default.
+    from semantica_jax import config_lib
+
+    defaults = _flatten(config_to_json_dict(config_lib.default_config()))
+    keys = [k for k in keys if not (k not in old and k in defaults and new.get(k) == defaults[k])]
     shape = [k for k in keys if any(k == f or (f.endswith(".") and k.startswith(f)) for f in _SHAPE_FIELDS)]
     describe = lambda ks: ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in ks)
     if shape:
