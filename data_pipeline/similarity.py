@@ -229,14 +229,7 @@ def compute(
     shards without cached ``pooled`` embeddings."""
     if not low <= high:
         raise ValueError(f"--low={low} > --high={high}")
-    files = input_pipeline.list_shard_files(shards)
-    names = [os.path.basename(f) for f in files]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--shards={shards!r} matches files of the same name in different directories")
-    out_dir = os.path.abspath(out_dir)
-    if any(os.path.dirname(os.path.abspath(f)) == out_dir for f in files):
-        raise ValueError(f"--out_dir={out_dir!r} is a source directory; pick another one")
-    tf.io.gfile.makedirs(out_dir)
+    files, names, out_dir = input_pipeline.mirror_sources(shards, out_dir, "--shards")
     inputs = {name: tf.io.gfile.stat(f).length for f, name in zip(files, names)}
     request = {
         "inputs": inputs, "low": low, "high": high, "sweep": bool(sweep),

@@ -198,14 +198,7 @@ def build_cache(
       ValueError: `out_dir` holds a cache of another encoder (names the fields), two source files
         share a name, or `out_dir` is a source directory.
     """
-    files = input_pipeline.list_shard_files(src)
-    names = [os.path.basename(f) for f in files]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--src={src!r} matches files of the same name in different directories")
-    out_dir = os.path.abspath(out_dir)
-    if any(os.path.dirname(os.path.abspath(f)) == out_dir for f in files):
-        raise ValueError(f"--out_dir={out_dir!r} is a source directory; pick another one")
-    tf.io.gfile.makedirs(out_dir)
+    files, names, out_dir = input_pipeline.mirror_sources(src, out_dir, "--src")
     stats_path = os.path.join(out_dir, input_pipeline.EMBED_CACHE_STATS)
     identity = input_pipeline.cached_tokens_identity(encoder_config)
     stats: dict[str, Any] = {"format": CACHE_FORMAT, "encoder": identity, "files": {}}

@@ -138,6 +138,21 @@ def list_shard_files(pattern: str) -> list[str]:
     return sorted(files)
 
 
+def mirror_sources(pattern: str, out_dir: str, flag: str) -> tuple[list[str], list[str], str]:
+    """(files, base names, absolute out_dir) for tools that write mirror shards of `pattern`
+    into `out_dir` under the same names (embed_cache, similarity); creates `out_dir`. Raises
+    ValueError (naming `flag`) when two sources share a name or `out_dir` is a source directory."""
+    files = list_shard_files(pattern)
+    names = [os.path.basename(f) for f in files]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{flag}={pattern!r} matches files of the same name in different directories")
+    out_dir = os.path.abspath(out_dir)
+    if any(os.path.dirname(os.path.abspath(f)) == out_dir for f in files):
+        raise ValueError(f"--out_dir={out_dir!r} is a source directory; pick another one")
+    tf.io.gfile.makedirs(out_dir)
+    return files, names, out_dir
+
+
 def files_for_process(files: Sequence[str], process_index: int, process_count: int) -> list[str]:
     """This process's files: ``files[process_index::process_count]``.
 
