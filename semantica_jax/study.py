@@ -605,6 +605,7 @@ def aggregate(seeds: dict) -> dict:
             keys |= {k for k, v in r["by_guidance"][sc].items() if isinstance(v, (int, float))}
         out[sc] = {k: stats([r["by_guidance"][sc].get(k) for r in results]) for k in sorted(keys)}
         out[sc]["probe_accuracy_real"] = stats([r.get("probe_accuracy_real") for r in results])
+        out[sc]["pixel_probe_accuracy_real"] = stats([r.get("pixel_probe_accuracy_real") for r in results])
     return out
 
 
@@ -638,7 +639,7 @@ def per_label(seeds: dict, scale: str, label: int, metric: str) -> dict:
 # ---------------------------------------------------------------------------- verdicts
 # Metrics that are a fraction of the generated samples: their sampling error (binomial, over all
 # samples behind the number) joins the seed spread in the thresholds.
-PROPORTION_METRICS = ("class_consistency",)
+PROPORTION_METRICS = ("class_consistency", "class_consistency_pixels")
 
 
 def _sampling_error(metric: str, *sts_and_counts: tuple[dict, float]) -> float:
@@ -778,18 +779,21 @@ def _n_seeds(arm: dict) -> int:
 
 
 def _metric_rows(study, arms, names, scales, extra=None) -> tuple[list[str], list[list[str]], list[dict]]:
-    header = ["arm", "seeds", "guidance", *study["metrics"], "probe ceiling"] + [h for h, _ in (extra or [])]
+    ceilings = [("probe ceiling", "probe_accuracy_real")]
+    if "class_consistency_pixels" in study["metrics"]:
+        ceilings.append(("pixel probe ceiling", "pixel_probe_accuracy_real"))
+    header = ["arm", "seeds", "guidance", *study["metrics"], *[h for h, _ in ceilings]] + [h for h, _ in (extra or [])]
     rows, data = [], []
     for n in names:
         agg = arms[n]["aggregate"]
         for g in scales:
             sc = _scale_key(g)
             if sc not in agg:
-                rows.append([n, str(_n_seeds(arms[n])), sc, *["–"] * len(study["metrics"]), "–"]
+                rows.append([n, str(_n_seeds(arms[n])), sc, *["–"] * (len(study["metrics"]) + len(ceilings))]
                             + [f(n) for _, f in (extra or [])])
                 continue
             rows.append([n, str(_n_seeds(arms[n])), sc, *[fmt_stat(agg[sc].get(m)) for m in study["metrics"]],
-                         fmt_stat(agg[sc].get("probe_accuracy_real"))] + [f(n) for _, f in (extra or [])])
+                         *[fmt_stat(agg[sc].get(k)) for _, k in ceilings]] + [f(n) for _, f in (extra or [])])
             data.append({"arm": n, "guidance": sc, **{m: agg[sc].get(m) for m in study["metrics"]}})
     return header, rows, data
 
@@ -976,7 +980,9 @@ def write_report(study: dict, out: str, *, command: str = "") -> dict:
                f"eval seed {_eval_seed(arms)}, "
                f"features: {first_result['extractor']}; class_consistency is judged by a linear probe on those "
                f"features fitted on the real eval images (its 2-fold accuracy on real images, the 'probe ceiling', "
-               f"bounds it)" + (f"; chance = 1/{study['num_classes']} = {chance:.3f}." if chance else "."),
+               f"bounds it)" + ("; class_consistency_pixels is the same with a linear probe on grey pixels "
+                                "(ceiling: 'pixel probe ceiling')" if "class_consistency_pixels" in study["metrics"]
+                                else "") + (f"; chance = 1/{study['num_classes']} = {chance:.3f}." if chance else "."),
                "All arms were evaluated with the same eval settings (same conditions and noise)."
                if len(fps) == 1 else
                "WARNING: the arms' eval settings differ (conditions/noise are not shared across all arms): "
@@ -1130,40 +1136,42 @@ def _heldout_section(study, arms, c, chance, entry) -> list[str]:
         if labels & trained:
             md += [f"WARNING: arm {arm} was trained on pages of {sorted(labels & trained)}: "
                    f"they are not held out.", ""]
-    header = ["arm", "groups", "guidance", "class_consistency", "consistency", "diversity",
-              *[f"cc {names[l]}" for l in sorted(labels)]]
+    cc_metrics = list(c.get("metrics") or ("class_consistency",))
+    header = ["arm", "groups", "guidance", *cc_metrics, "consistency", "diversity",
+              *[f"{cc_metrics[0]} {names[l]}" for l in sorted(labels)]]
     rows, table, verdicts = [], [], []
     for g in c.get("guidance", study["table_guidance"]):
         sc = _scale_key(g)
         for n in [arm] + ([ref] if ref else []):
             for which, exclude in (("held-out classes", False), ("other classes", True)):
                 st = {m: group_stats(arms[n]["seeds"], sc, labels, m, exclude=exclude)
-                      for m in ("class_consistency", "consistency", "diversity")}
-                per = [per_label(arms[n]["seeds"], sc, l, "class_consistency") if not exclude else None
+                      for m in (*cc_metrics, "consistency", "diversity")}
+                per = [per_label(arms[n]["seeds"], sc, l, cc_metrics[0]) if not exclude else None
                        for l in sorted(labels)]
                 rows.append([n, which, sc, *[fmt_stat(st[m]) for m in st],
                              *[fmt_stat(p) if p else "" for p in per]])
                 table.append({"arm": n, "groups": which, "guidance": sc, **st})
-        held = group_stats(arms[arm]["seeds"], sc, labels, "class_consistency")
-        if chance is not None:
-            value = chance + float(c["margin"])
-            if held["mean"] is None:
-                v, detail = "not measured", f"no per-group results for {arm} at guidance {sc}"
-            else:
-                n = group_count(arms[arm]["seeds"], sc, labels)
-                tol, tol_text = _tolerance("class_consistency", held, n)
-                v = "yes" if held["mean"] - tol > value else ("no" if held["mean"] + tol <= value else "no clear difference")
-                detail = (f"class_consistency on held-out classes at guidance {sc}: {fmt_stat(held)} over {n:.0f} "
-                          f"samples vs chance {fmt_num(chance)}; 'yes' needs mean − {tol_text} > chance + "
-                          f"{c['margin']:g} = {value:.3f}" + _seed_note(held))
-                if ref:
-                    rst = group_stats(arms[ref]["seeds"], sc, labels, "class_consistency")
-                    if rst["mean"] is not None:
-                        detail += (f"; for reference, {ref} (trained on these classes) scores {fmt_stat(rst)} "
-                                   f"on the same groups (gap {held['mean'] - rst['mean']:+.3f})")
-            verdicts.append({"statement": f"samples conditioned on held-out classes follow the class "
-                                          f"(guidance {sc})", "kind": "heldout", "metric": "class_consistency",
-                             "guidance": sc, "verdict": v, "detail": detail})
+        for metric in cc_metrics:
+            held = group_stats(arms[arm]["seeds"], sc, labels, metric)
+            if chance is not None:
+                value = chance + float(c["margin"])
+                if held["mean"] is None:
+                    v, detail = "not measured", f"no per-group results for {arm} at guidance {sc}"
+                else:
+                    n = group_count(arms[arm]["seeds"], sc, labels)
+                    tol, tol_text = _tolerance(metric, held, n)
+                    v = "yes" if held["mean"] - tol > value else ("no" if held["mean"] + tol <= value else "no clear difference")
+                    detail = (f"{metric} on held-out classes at guidance {sc}: {fmt_stat(held)} over {n:.0f} "
+                              f"samples vs chance {fmt_num(chance)}; 'yes' needs mean − {tol_text} > chance + "
+                              f"{c['margin']:g} = {value:.3f}" + _seed_note(held))
+                    if ref:
+                        rst = group_stats(arms[ref]["seeds"], sc, labels, metric)
+                        if rst["mean"] is not None:
+                            detail += (f"; for reference, {ref} (trained on these classes) scores {fmt_stat(rst)} "
+                                       f"on the same groups (gap {held['mean'] - rst['mean']:+.3f})")
+                verdicts.append({"statement": f"samples conditioned on held-out classes follow the class "
+                                              f"({metric}, guidance {sc})", "kind": "heldout", "metric": metric,
+                                 "guidance": sc, "verdict": v, "detail": detail})
     md += _md_table(header, rows) + [""]
     entry["table"] = table
     entry["verdicts"] = verdicts

@@ -184,13 +184,19 @@ def test_copies_score_as_copies():
     samples = np.repeat(es.images[plan.cond_rows], 2, axis=0)
     gen_feats = np.repeat(feats[plan.cond_rows], 2, axis=0)
     probe, acc = fewshot.fit_probe(feats, es.labels, 0)
+    pixel_probe, _ = fewshot.fit_probe(fewshot.pixel_features(es.images), es.labels, 0)
+    assert fewshot.pixel_features(es.images).shape == (n, 16)  # grey 4x4
+    assert fewshot.pixel_features(np.zeros((2, 64, 64, 3))).shape == (2, 32 * 32)  # area-resized to 32
     out = fewshot.compute_metrics(eval_set=es, plan=plan, real_feats=feats, gen_feats=gen_feats, samples=samples,
-                                  prdc_k=2, seed=0, probe=probe, train_feats=feats, real_nn=1.0)
+                                  prdc_k=2, seed=0, probe=probe, pixel_probe=pixel_probe, train_feats=feats,
+                                  real_nn=1.0)
     assert out["pixel_distance_to_condition"] == pytest.approx(0.0, abs=1e-6)
     assert out["consistency"] == pytest.approx(1.0)
     assert out["diversity"] == pytest.approx(0.0, abs=1e-9)
     assert out["pixel_diversity"] == pytest.approx(0.0, abs=1e-9)
     assert out["class_consistency"] == 1.0
+    assert out["class_consistency_pixels"] == 1.0  # copies of (separable) real images
+    assert all(e["class_consistency_pixels"] == 1.0 for e in out["per_group"])
     assert out["nearest_train_distance"] == pytest.approx(0.0, abs=1e-6)  # they ARE training images
     assert out["fewshot_groups_scored"] == 3 and len(out["per_group"]) == 3
 

@@ -89,7 +89,9 @@ def test_study_runs_reports_and_resumes(tmp_path):
         assert seed["train_seconds"] > 0 and seed["eval_seconds"] > 0
         agg = report["arms"][arm]["aggregate"]
         assert set(agg) == ({"1", "2"} if arm == "pairs" else {"1"})
-        for m in ("class_consistency", "consistency", "diversity", "pixel_distance_to_condition", "fd"):
+        assert agg["1"]["pixel_probe_accuracy_real"]["mean"] is not None
+        for m in ("class_consistency", "class_consistency_pixels", "consistency", "diversity",
+                  "pixel_distance_to_condition", "fd"):
             assert agg["1"][m]["n"] == 1 and agg["1"][m]["mean"] is not None
         assert os.path.exists(os.path.join(out, arm, "seed0", "train.log"))
         assert os.path.exists(os.path.join(out, arm, "seed0", "export", "export.json"))

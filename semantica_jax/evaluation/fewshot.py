@@ -21,6 +21,11 @@ Reported per guidance scale:
   class_consistency    (labels only) fraction of variations a linear probe, fitted on the eval
                        set's real features and labels, assigns to the condition's class;
                        `probe_accuracy_real` is that probe's 2-fold accuracy on real images
+  class_consistency_pixels
+                       (labels only) the same with a linear probe on grey pixels (the images
+                       area-resized to at most 32 px): an independent pixel classifier, closer to
+                       the calibration in ../shared/notes/cpu-training.md; its ceiling is
+                       `pixel_probe_accuracy_real`
   memorization_ratio   mean nearest-training-image feature distance of the samples divided by
                        that of real eval images (<< 1 = samples sit on training images)
 """
@@ -41,6 +46,7 @@ from semantica_jax.evaluation import metrics as metrics_lib
 
 _PROBE_STEPS = 300  # L-BFGS iterations of the probe (near-separable features: a full fit takes
 # minutes on 1280-d features and gains nothing measurable in accuracy)
+_PIXEL_PROBE_SIZE = 32  # the pixel probe sees grey images of at most this side
 _MIN_GROUP_REAL = 3  # per-group FD/PRDC need a few real images (and more than prdc_k)
 
 
@@ -244,7 +250,7 @@ def _nan_mean(values: list[float]) -> float:
 
 
 def compute_metrics(*, eval_set: EvalSet, plan: Plan, real_feats: np.ndarray, gen_feats: np.ndarray,
-                    samples: np.ndarray, prdc_k: int, seed: int, probe=None,
+                    samples: np.ndarray, prdc_k: int, seed: int, probe=None, pixel_probe=None,
                     train_feats: np.ndarray | None = None, real_nn: float | None = None) -> dict[str, Any]:
     """All protocol numbers for one set of generated samples (grouped as `plan`)."""
     m = plan.samples_per_condition
@@ -293,6 +299,14 @@ def compute_metrics(*, eval_set: EvalSet, plan: Plan, real_feats: np.ndarray, ge
         for e, g in zip(per_group, range(eval_set.num_groups)):
             sel = plan.cond_groups == g
             e["class_consistency"] = float(metrics_lib.class_consistency(probe, var_feats[sel], cond_labels[sel]))
+    if pixel_probe is not None:
+        cond_labels = eval_set.labels[plan.cond_rows]
+        var_pix = pixel_features(samples).reshape(n_cond, m, -1)
+        out["class_consistency_pixels"] = float(metrics_lib.class_consistency(pixel_probe, var_pix, cond_labels))
+        for e, g in zip(per_group, range(eval_set.num_groups)):
+            sel = plan.cond_groups == g
+            e["class_consistency_pixels"] = float(
+                metrics_lib.class_consistency(pixel_probe, var_pix[sel], cond_labels[sel]))
     if train_feats is not None and len(train_feats):
         gen_nn = float(np.mean(metrics_lib.nearest_neighbor_distance(gen_feats, train_feats)))
         out["nearest_train_distance"] = gen_nn
@@ -301,6 +315,17 @@ def compute_metrics(*, eval_set: EvalSet, plan: Plan, real_feats: np.ndarray, ge
             out["memorization_ratio"] = gen_nn / real_nn
     out["per_group"] = per_group
     return out
+
+
+def pixel_features(images: np.ndarray, size: int = _PIXEL_PROBE_SIZE) -> np.ndarray:
+    """images [N, S, S, C] in [-1, 1] -> [N, s*s] grey pixels (channel mean; area-resized to
+    s = min(S, size)): the pixel probe's features."""
+    x = np.asarray(images, np.float32).mean(axis=-1, keepdims=True)
+    if x.shape[1] > size or x.shape[2] > size:
+        import tensorflow as tf
+
+        x = tf.image.resize(x, (min(x.shape[1], size), min(x.shape[2], size)), method="area").numpy()
+    return x.reshape(len(x), -1).astype(np.float64)
 
 
 def fit_probe(real_feats: np.ndarray, labels: np.ndarray, seed: int):

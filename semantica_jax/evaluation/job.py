@@ -37,7 +37,7 @@ from semantica_jax.evaluation import fewshot
 
 RESULT_KEYS = ("fd", "precision", "recall", "density", "coverage", "fewshot_fd", "fewshot_precision",
                "fewshot_recall", "fewshot_density", "fewshot_coverage", "consistency", "diversity",
-               "pixel_diversity", "pixel_distance_to_condition", "class_consistency",
+               "pixel_diversity", "pixel_distance_to_condition", "class_consistency", "class_consistency_pixels",
                "memorization_ratio", "nearest_train_distance")
 
 
@@ -113,11 +113,15 @@ class Evaluator:
         with fewshot.timed(f"Reference features ({self.extractor.description})"):
             self.real_feats = cache.get_or_compute(key, lambda: self.extractor(self.eval_set.images))
         self.probe, self.probe_accuracy = None, float("nan")
+        self.pixel_probe, self.pixel_probe_accuracy = None, float("nan")
         labels = self.eval_set.labels
         if np.all(labels >= 0) and len(np.unique(labels)) >= 2:
-            self.probe, self.probe_accuracy = fewshot.fit_probe(self.real_feats, labels, int(ec.seed))
-            logging.info("Linear probe on real %s features: 2-fold accuracy %.3f",
-                         self.extractor.name, self.probe_accuracy)
+            with fewshot.timed("Linear probes (features, pixels)"):
+                self.probe, self.probe_accuracy = fewshot.fit_probe(self.real_feats, labels, int(ec.seed))
+                self.pixel_probe, self.pixel_probe_accuracy = fewshot.fit_probe(
+                    fewshot.pixel_features(self.eval_set.images), labels, int(ec.seed))
+            logging.info("Linear probe on real %s features: 2-fold accuracy %.3f; on grey pixels: %.3f",
+                         self.extractor.name, self.probe_accuracy, self.pixel_probe_accuracy)
         self.train_feats, self.real_nn = None, None
         n_train = int(ec.memorization_images)
         if n_train > 0 and config.data.train_files:
@@ -156,6 +160,7 @@ class Evaluator:
             "extractor": self.extractor.description, "feature_dim": int(self.real_feats.shape[1]),
             "groups": es.num_groups, "shots": int(ec.shots), "samples_per_condition": m,
             "group_by": ec.group_by, "probe_accuracy_real": self.probe_accuracy,
+            "pixel_probe_accuracy_real": self.pixel_probe_accuracy,
             "eval_config": ec.to_dict(), "eval_files": self.eval_set.files, "by_guidance": {},
         }
         for scale in ec.guidance_scales:
@@ -168,7 +173,7 @@ class Evaluator:
             gen_feats = self.extractor(samples)
             numbers = fewshot.compute_metrics(
                 eval_set=es, plan=plan, real_feats=self.real_feats, gen_feats=gen_feats, samples=samples,
-                prdc_k=int(ec.prdc_k), seed=int(ec.seed), probe=self.probe, train_feats=self.train_feats,
+                prdc_k=int(ec.prdc_k), seed=int(ec.seed), probe=self.probe, pixel_probe=self.pixel_probe, train_feats=self.train_feats,
                 real_nn=self.real_nn)
             numbers.update(sampler=settings.describe(), generate_seconds=gen_s,
                            images_per_second=sampler.images_per_second)
