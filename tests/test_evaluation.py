@@ -201,6 +201,27 @@ def test_copies_score_as_copies():
     assert out["fewshot_groups_scored"] == 3 and len(out["per_group"]) == 3
 
 
+def test_probe_cache_round_trips(tmp_path):
+    """A cached probe predicts exactly as the fitted one; another key (labels, settings) refits."""
+    rng = np.random.RandomState(1)
+    labels = np.repeat(np.arange(3), 10).astype(np.int32)
+    feats = rng.randn(30, 5) + 2 * labels[:, None]
+    cache = fewshot.FeatureCache(str(tmp_path))
+    calls = []
+
+    def feats_fn():
+        calls.append(1)
+        return feats
+
+    p1, a1 = cache.get_or_fit_probe({"k": 1}, feats_fn, labels, 0)
+    p2, a2 = cache.get_or_fit_probe({"k": 1}, feats_fn, labels, 0)
+    assert len(calls) == 1 and a1 == a2 and 0.5 < a1 <= 1.0
+    np.testing.assert_array_equal(p1.logits(feats), p2.logits(feats))
+    assert p2.converged == p1.converged and list(p2.classes) == [0, 1, 2]
+    cache.get_or_fit_probe({"k": 1}, feats_fn, labels[::-1].copy(), 0)  # other labels: refit
+    assert len(calls) == 2
+
+
 # ------------------------------------------------------------------------------------ the eval job
 def _write_config_file(tmp_path, config) -> str:
     path = tmp_path / "eval_config.py"
@@ -242,7 +263,8 @@ def test_eval_job_resumes_after_kill_without_redoing_checkpoints(trained, tmp_pa
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(eval_dir))
     # Nothing left to do: a third run evaluates nothing; the reference features came from the cache.
     assert job.run_eval_job(config, workdir, once=True) == []
-    assert len(os.listdir(config.eval.cache_dir)) == 2  # eval-set and training-image features
+    # eval-set and training-image features + the two linear probes (features, pixels)
+    assert len(os.listdir(config.eval.cache_dir)) == 4
 
 
 def test_eval_job_on_an_export_and_bad_config(trained, exported, tmp_path):

@@ -187,23 +187,45 @@ class FeatureCache:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return os.path.join(self.directory, f"{digest}.npz")
 
-    def get_or_compute(self, key: dict, compute) -> np.ndarray:
+    def get_or_compute_arrays(self, key: dict, compute, what: str = "reference features") -> dict[str, np.ndarray]:
+        """The arrays cached under `key`, else `compute()` (a dict of arrays) stored atomically."""
         path = self.path(key)
         if os.path.exists(path):
             try:
                 with np.load(path) as f:
                     if json.loads(str(f["key"])) == json.loads(json.dumps(key, sort_keys=True)):
-                        logging.info("Reference features from cache %s", path)
-                        return f["features"]
+                        logging.info("%s from cache %s", what[:1].upper() + what[1:], path)
+                        return {k: f[k] for k in f.files if k != "key"}
             except Exception as e:  # a damaged cache file is recomputed, never trusted
                 logging.warning("Ignoring unreadable feature cache %s: %s", path, e)
-        features = np.asarray(compute(), np.float32)
+        arrays = {k: np.asarray(v) for k, v in compute().items()}
         os.makedirs(self.directory, exist_ok=True)
         tmp = path + f".tmp{os.getpid()}.npz"
-        np.savez(tmp, features=features, key=json.dumps(key, sort_keys=True))
+        np.savez(tmp, key=json.dumps(key, sort_keys=True), **arrays)
         os.replace(tmp, path)
-        logging.info("Cached reference features (%s) in %s", features.shape, path)
-        return features
+        logging.info("Cached %s (%s) in %s", what, ", ".join(f"{k} {v.shape}" for k, v in arrays.items()), path)
+        return arrays
+
+    def get_or_compute(self, key: dict, compute) -> np.ndarray:
+        return self.get_or_compute_arrays(
+            key, lambda: {"features": np.asarray(compute(), np.float32)})["features"]
+
+    def get_or_fit_probe(self, key: dict, feats_fn, labels: np.ndarray, seed: int):
+        """`fit_probe` of `feats_fn()` and `labels`, cached under `key` (+ the probe's settings):
+        the probe depends only on the reference images, so later checkpoints and runs reuse it."""
+        key = {**key, "probe_steps": _PROBE_STEPS, "probe_seed": int(seed),
+               "labels": hashlib.sha256(np.asarray(labels, np.int64).tobytes()).hexdigest()[:16]}
+
+        def fit():
+            probe, acc = fit_probe(feats_fn(), labels, seed)
+            return {"mean": probe.mean, "scale": probe.scale, "weights": probe.weights, "bias": probe.bias,
+                    "classes": probe.classes, "converged": np.asarray(probe.converged),
+                    "accuracy": np.asarray(acc, np.float64)}
+
+        a = self.get_or_compute_arrays(key, fit, what="linear probe")
+        probe = metrics_lib.LinearProbe(mean=a["mean"], scale=a["scale"], weights=a["weights"], bias=a["bias"],
+                                        classes=a["classes"], converged=bool(a["converged"]))
+        return probe, float(a["accuracy"])
 
 
 # ============================================================================ the protocol

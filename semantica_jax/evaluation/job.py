@@ -117,9 +117,11 @@ class Evaluator:
         labels = self.eval_set.labels
         if np.all(labels >= 0) and len(np.unique(labels)) >= 2:
             with fewshot.timed("Linear probes (features, pixels)"):
-                self.probe, self.probe_accuracy = fewshot.fit_probe(self.real_feats, labels, int(ec.seed))
-                self.pixel_probe, self.pixel_probe_accuracy = fewshot.fit_probe(
-                    fewshot.pixel_features(self.eval_set.images), labels, int(ec.seed))
+                self.probe, self.probe_accuracy = cache.get_or_fit_probe(
+                    {**key, "probe": "features"}, lambda: self.real_feats, labels, int(ec.seed))
+                self.pixel_probe, self.pixel_probe_accuracy = cache.get_or_fit_probe(
+                    {**key, "extractor": "grey pixels", "probe": "pixels", "pixel_size": fewshot._PIXEL_PROBE_SIZE},
+                    lambda: fewshot.pixel_features(self.eval_set.images), labels, int(ec.seed))
             logging.info("Linear probe on real %s features: 2-fold accuracy %.3f; on grey pixels: %.3f",
                          self.extractor.name, self.probe_accuracy, self.pixel_probe_accuracy)
         self.train_feats, self.real_nn = None, None
