@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"semantica-vary: error: {e}", file=sys.stderr)
         return 2
     size = shown.shape[1]
-    grid = images_lib.variation_grid(shown, samples, args.num, size)
+    grid = images_lib.variation_grid(shown, samples, args.num, size,
+                                     row_labels=[os.path.basename(p) for p in args.image])
     images_lib.save_png(grid, args.out)
     print(args.out)
     return 0

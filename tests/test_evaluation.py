@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import helpers
-from semantica_jax import config_lib, export, sampling, train, vary
+from semantica_jax import config_lib, export, images, sampling, train, vary
 from semantica_jax.evaluation import fewshot, job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +157,9 @@ def test_vary_writes_a_grid_and_rejects_bad_inputs(exported, tmp_path, capsys):
                     "--seed", "0", "--out", str(out)])
     assert rc == 0
     grid = tf.io.decode_png(out.read_bytes()).numpy()
-    assert grid.shape[0] == 2 * (16 + 2) + 2  # two rows of 16 px images
+    want = images.variation_grid(np.zeros((2, 16, 16, 3)), np.zeros((6, 16, 16, 3)), 3, 16,
+                                 row_labels=["a.png", "b.jpg"])
+    assert grid.shape == want.shape  # two rows of 16 px images, upscaled, labelled by file name
     not_image = tmp_path / "notes.txt"
     not_image.write_text("hello")
     capsys.readouterr()

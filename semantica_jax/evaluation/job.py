@@ -195,12 +195,14 @@ class Evaluator:
     def _grid(self, samples: np.ndarray, m: int) -> np.ndarray:
         """First conditioning image of the first `eval.grid_groups` groups | its variations."""
         plan, es = self.plan, self.eval_set
-        rows, conds = [], []
+        rows, conds, labels = [], [], []
         for g in range(min(int(self.config.eval.grid_groups), es.num_groups)):
             first = int(np.flatnonzero(plan.cond_groups == g)[0])
             rows.append(samples[first * m:(first + 1) * m])
             conds.append((es.images[plan.cond_rows[first]] + 1.0) / 2.0)
-        return images_lib.variation_grid(np.stack(conds), np.concatenate(rows), m, int(self.config.data.image_size))
+            labels.append(es.group_names[g])
+        return images_lib.variation_grid(np.stack(conds), np.concatenate(rows), m, int(self.config.data.image_size),
+                                         row_labels=labels)
 
 
 def _write_json(path: str, obj: Any) -> None:
