@@ -72,6 +72,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.train_files = ""  # glob of TFRecord shards (WebLI-style page records)
     c.data.eval_files = ""  # held-out shards (same format); "" = no eval split
     c.data.image_size = 64  # target (denoised) resolution
+    # How a target becomes image_size square: 'resize' (area when shrinking, antialiased bicubic
+    # when enlarging) | 'pad' (an image no larger than image_size centred on a black canvas,
+    # pixel for pixel; larger ones resized). The eval set and the judge use the same preparation.
+    c.data.target_fit = "resize"
     c.data.pairing = "pairs"  # 'pairs' (two distinct images of a page) | 'reconstruction'
     c.data.min_images_per_page = 2
     c.data.shuffle_buffer = 10_000  # pages
@@ -98,6 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.exclude_labels = ()  # train: skip pages with one of these labels
     c.data.eval_include_labels = ()  # eval split: keep only these labels
     c.data.eval_exclude_labels = ()  # eval split: skip these labels
+    c.data.class_names = ()  # names of the integer page labels (grid row labels); () = "label k"
 
     # ---------------------------------------------------------------- frozen encoder
     # Architecture fields follow models/vit.py; `semantica-convert-encoder` prints the exact
@@ -138,6 +143,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.mlp_ratio = 4
     c.model.cond_dim = -1  # width of projected encoder tokens; -1 = transformer width
     c.model.pooled_cond = True  # add projected pooled encoder vector to the time embedding
+    c.model.token_cond = True  # cross-attend to the encoder tokens (False: pooled vector only)
     c.model.dropout = 0.0
     c.model.dtype = "float32"  # compute dtype ('bfloat16' on TPU); params stay float32
     c.model.remat = False  # rematerialise transformer blocks (saves activation memory)
@@ -226,6 +232,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.extractor = "efficientnet_lite0"  # 'efficientnet_lite0' | 'encoder' | 'inception_v3'
     c.eval.extractor_resolution = 0  # 0 = the extractor's default
     c.eval.extractor_weights = ""  # required for 'inception_v3' (pytorch-fid .pth)
+    # The class judge (evaluation/judge.py): a CNN trained once (cached) on the labelled training
+    # split, scoring class_consistency_judge; 'none' turns it off. Needs labelled pages.
+    c.eval.judge = "cnn"  # 'cnn' | 'none'
+    c.eval.judge_files = ""  # its labelled training shards; "" = data.train_files
+    c.eval.judge_epochs = 5
     c.eval.prdc_k = 5  # k of k-NN precision/recall/density/coverage
     c.eval.memorization_images = 2_000  # training images for the nearest-training-image check; 0 = off
     c.eval.grid_groups = 10  # rows of the eval grid PNG (one conditioning image per group)

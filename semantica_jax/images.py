@@ -96,7 +96,7 @@ def variation_grid(
     pad = max(int(pad), 1)
     cell = size * scale
     up = lambda x: np.repeat(np.repeat(x, scale, axis=-3), scale, axis=-2)  # exact nearest upscaling
-    cond_u8 = up(_resize_nearest(to_uint8(conds, (0.0, 1.0)), size))
+    cond_u8 = _resize_nearest(to_uint8(conds, (0.0, 1.0)), cell)  # any condition size, straight to the cell
     samp_u8 = up(to_uint8(samples).reshape(n, m, size, size, 3))
 
     font_px = int(np.clip(cell // 6, 12, 22))

@@ -54,7 +54,9 @@ Images
   full (so cached tokens match it). Non-square images are resized WITHOUT cropping (aspect
   ratio is not kept). The condition is resized to `cond_image_size` (the frozen encoder's own
   resolution) and stays in [0, 1] (the encoder applies its own mean/std); the target is resized
-  to `image_size` and mapped to [-1, 1].
+  to `image_size` and mapped to [-1, 1]. With ``target_fit='pad'`` a target no larger than
+  `image_size` is instead centred on a black canvas, pixel for pixel (Fashion-MNIST's 28 px on
+  32: no resampling, no ringing; larger targets are still resized).
 
 Corrupt data
   A pair whose image fails to decode is dropped with a logged warning
@@ -98,6 +100,7 @@ from data_pipeline import shards
 
 PAIRINGS = ("pairs", "reconstruction")
 PAIR_FILTERS = ("none", "similarity")
+TARGET_FITS = ("resize", "pad")
 # Feature added to page records by data_pipeline.similarity: the page's n x n cosine
 # similarities (row-major float32), see the module docstring.
 PAIR_SIM_FEATURE = "pair_sim"
@@ -209,6 +212,7 @@ def make_pair_dataset(
     include_labels: Sequence[int] = (),
     exclude_labels: Sequence[int] = (),
     jpeg_dct_scaling: bool = True,
+    target_fit: str = "resize",
 ) -> tf.data.Dataset:
     """Batches of (cond, target) pairs from page shard `files` (see module docstring).
 
@@ -242,7 +246,11 @@ def make_pair_dataset(
       jpeg_dct_scaling: decode a JPEG *target* at the largest DCT scale 1/2, 1/4 or 1/8 whose
         shorter side stays >= image_size, then resize as usual (see "Images"); the condition
         is always fully decoded (its pixels match `semantica_jax.embed_cache`'s).
+      target_fit: how a target becomes `image_size` square: 'resize' (see "Images"), or 'pad'
+        (an image no larger than image_size centred on a black canvas, no resampling).
     """
+    if target_fit not in TARGET_FITS:
+        raise ValueError(f"data.target_fit={target_fit!r}; expected one of {TARGET_FITS}")
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     for name, value in (
@@ -328,7 +336,7 @@ def make_pair_dataset(
             target_img = (
                 cond_img if pairing == "reconstruction" else _cached_image(page, target_index)
             )
-            target = _resize(target_img, image_size)
+            target = _resize(target_img, image_size, target_fit)
             cond = _resize(cond_img, cond_image_size)
         else:
             cond_u8 = _decode_u8(page["images"][cond_index])
@@ -338,7 +346,7 @@ def make_pair_dataset(
                 target_u8 = _decode_u8_at_least(page["images"][target_index], image_size)
             else:
                 target_u8 = _decode_u8(page["images"][target_index])
-            target = _resize_u8(target_u8, image_size)
+            target = _resize_u8(target_u8, image_size, target_fit)
             cond = _resize_u8(cond_u8, cond_image_size)
         pair = {
             "target": target * 2.0 - 1.0,
@@ -436,6 +444,7 @@ def _common_kwargs(config: Any) -> dict[str, Any]:
         sim_low=float(d.sim_low),
         sim_high=float(d.sim_high),
         jpeg_dct_scaling=bool(d.jpeg_dct_scaling),
+        target_fit=str(d.target_fit),
     )
 
 
@@ -579,18 +588,42 @@ def _square_resize(image: tf.Tensor, size: int) -> tf.Tensor:
     )
 
 
-def _resize_u8(image: tf.Tensor, size: int) -> tf.Tensor:
+def _square_fit(image: tf.Tensor, size: int, fit: str) -> tf.Tensor:
+    """`_square_resize`, or with fit='pad' an image no larger than `size` on both sides centred
+    on a black canvas without resampling (larger images are resized as with 'resize')."""
+    if fit == "resize":
+        return _square_resize(image, size)
+    if fit != "pad":
+        raise ValueError(f"data.target_fit={fit!r}; expected one of {TARGET_FITS}")
+    shape = tf.shape(image)
+    fits = tf.logical_and(shape[0] <= size, shape[1] <= size)
+
+    def pad():
+        top, left = (size - shape[0]) // 2, (size - shape[1]) // 2
+        return tf.image.pad_to_bounding_box(tf.cast(image, tf.float32), top, left, size, size)
+
+    return tf.cond(fits, pad, lambda: _square_resize(image, size))
+
+
+def _resize_u8(image: tf.Tensor, size: int, fit: str = "resize") -> tf.Tensor:
     """uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 1]; equals `_resize(_decode(...))` up to
     float rounding (the resize is linear), without a full-size float conversion pass."""
-    image = _square_resize(image, size)
+    image = _square_fit(image, size, fit)
     image = tf.clip_by_value(image * (1.0 / 255.0), 0.0, 1.0)
     return tf.ensure_shape(image, [size, size, 3])
 
 
-def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
-    image = _square_resize(image, size)
+def _resize(image: tf.Tensor, size: int, fit: str = "resize") -> tf.Tensor:
+    image = _square_fit(image, size, fit)
     image = tf.clip_by_value(image, 0.0, 1.0)
     return tf.ensure_shape(image, [size, size, 3])
+
+
+def target_image(encoded: tf.Tensor, size: int, fit: str = "resize") -> tf.Tensor:
+    """Encoded image bytes -> float32 [size, size, 3] in [-1, 1], prepared exactly as training
+    targets are (`data.image_size`, `data.target_fit`): the eval set, the judge and the
+    memorisation reference use it."""
+    return _resize(_decode(encoded), size, fit) * 2.0 - 1.0
 
 
 def _decode_all(page: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:

@@ -693,7 +693,7 @@ def _grid_conditions(config, eval_ds, train_ds) -> dict:
     ds = eval_ds if eval_ds is not None else train_ds
     batches = []
     for batch in ds.as_numpy_iterator():
-        batches.append({k: batch[k] for k in ("cond", "cond_tokens", "cond_pooled") if k in batch})
+        batches.append({k: batch[k] for k in ("cond", "cond_tokens", "cond_pooled", "label") if k in batch})
         if sum(len(b["cond"]) for b in batches) >= n:
             break
     return {k: np.concatenate([b[k] for b in batches])[:n] for k in batches[0]}
@@ -701,9 +701,14 @@ def _grid_conditions(config, eval_ds, train_ds) -> dict:
 
 def _write_grid(sample_fn, state, enc_params, conds, config, workdir, writer, step, is_main):
     rng = jax.random.PRNGKey(config.sample.seed)
-    samples = np.asarray(jax.device_get(sample_fn(state.ema_params, enc_params, conds, rng)))
+    model_conds = {k: v for k, v in conds.items() if k != "label"}
+    samples = np.asarray(jax.device_get(sample_fn(state.ema_params, enc_params, model_conds, rng)))
+    labels = conds.get("label")
+    row_labels = None
+    if labels is not None and np.all(labels >= 0):
+        row_labels = images_lib.class_names_for([f"label {int(v)}" for v in labels], tuple(config.data.class_names))
     grid = images_lib.variation_grid(conds["cond"], samples, config.sample.samples_per_condition,
-                                     config.data.image_size)
+                                     config.data.image_size, row_labels=row_labels)
     if is_main:
         path = images_lib.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
         logging.info("Wrote sample grid %s", path)

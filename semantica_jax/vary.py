@@ -26,8 +26,9 @@ class VaryError(ValueError):
     pass
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-    """A file -> float32 [size, size, 3] in [0, 1] (centre crop to a square, then resize)."""
+def load_image(path: str, size: int, fit: str = "resize") -> np.ndarray:
+    """A file -> float32 [size, size, 3] in [0, 1] (centre crop to a square, then resize, or
+    pad with fit='pad' as `data.target_fit` does)."""
     import tensorflow as tf
 
     from semantica_jax import input_pipeline as ip
@@ -45,7 +46,7 @@ def load_image(path: str, size: int) -> np.ndarray:
     side = min(h, w)
     image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
     image = tf.image.convert_image_dtype(image, tf.float32)
-    return ip._resize(image, size).numpy()
+    return ip._resize(image, size, fit).numpy()
 
 
 def vary(export_dir: str, image_paths: Sequence[str], *, num: int, steps: int, guidance: float,
@@ -65,7 +66,7 @@ def vary(export_dir: str, image_paths: Sequence[str], *, num: int, steps: int, g
     model = export_lib.load_export(export_dir)  # ExportError names what is wrong
     c = model.config
     cond = np.stack([load_image(p, int(c.encoder.image_size)) for p in image_paths])
-    shown = np.stack([load_image(p, int(c.data.image_size)) for p in image_paths])
+    shown = np.stack([load_image(p, int(c.data.image_size), str(c.data.target_fit)) for p in image_paths])
     ids = np.arange(len(image_paths) * num)
     keys = sampling.sample_keys(seed, ids)
     samples = model.sampler(batch_size).generate(

@@ -305,3 +305,21 @@ def test_create_eval_dataset_is_fixed_and_sharded(synth):
     config.data.eval_files = os.path.join(synth["dir"], "missing-*")
     with pytest.raises(FileNotFoundError, match="missing-\\*"):
         input_pipeline.create_eval_dataset(config, process_index=0, process_count=1, batch_size=2)
+
+
+@pytest.mark.parametrize("cache_decoded", [False, True])
+def test_target_fit_pad_centres_pixels_without_resampling(synth, cache_decoded):
+    """target_fit='pad': a 32 px image on a 36 px canvas keeps every pixel, black around it; the
+    condition is still resized to the encoder's size; images larger than the canvas are resized."""
+    ds = _dataset(synth["files"], pairing="reconstruction", image_size=36, cond_image_size=32, repeat=False,
+                  target_fit="pad", cache_decoded=cache_decoded)
+    got = _collect(ds)
+    np.testing.assert_allclose(got["target"][:, 2:34, 2:34], got["cond"] * 2 - 1, atol=1e-6)
+    border = np.ones(got["target"].shape[1:3], bool)
+    border[2:34, 2:34] = False
+    assert np.all(got["target"][:, border] == -1.0)
+    image = tf.io.encode_png(tf.cast(tf.random.uniform([40, 40, 3], 0, 255, seed=1), tf.uint8))
+    np.testing.assert_allclose(input_pipeline.target_image(image, 36, "pad"),
+                               input_pipeline.target_image(image, 36, "resize"))
+    with pytest.raises(ValueError, match="target_fit='crop'"):
+        _dataset(synth["files"], target_fit="crop")

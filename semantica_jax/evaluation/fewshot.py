@@ -16,15 +16,21 @@ Reported per guidance scale:
   consistency          mean cosine(condition, variation) in feature space
   diversity            mean pairwise L2 distance among one condition's variations (features)
   pixel_diversity      the same in pixel space (RMS per pixel, images in [-1, 1])
+  pixel_diversity_real the same for M real images of the condition's group (the no-collapse
+                       reference: real same-class diversity)
   pixel_distance_to_condition   RMS pixel distance between a variation and its condition
                                 (near 0 = copies: the reconstruction baseline's signature)
   class_consistency    (labels only) fraction of variations a linear probe, fitted on the eval
                        set's real features and labels, assigns to the condition's class;
                        `probe_accuracy_real` is that probe's 2-fold accuracy on real images
+  class_consistency_judge
+                       (labels only) fraction of variations that the judge (evaluation/judge.py,
+                       a CNN trained on the labelled training split) assigns to the condition's
+                       class; `judge_accuracy_real` is its accuracy on the real eval images (the
+                       ceiling), per group too
   class_consistency_pixels
                        (labels only) the same with a linear probe on grey pixels (the images
-                       area-resized to at most 32 px): an independent pixel classifier, closer to
-                       the calibration in ../shared/notes/cpu-training.md; its ceiling is
+                       area-resized to at most 32 px), fitted on the eval images; its ceiling is
                        `pixel_probe_accuracy_real`
   memorization_ratio   mean nearest-training-image feature distance of the samples divided by
                        that of real eval images (<< 1 = samples sit on training images)
@@ -70,11 +76,12 @@ class EvalSet:
 
 def load_eval_set(files: Sequence[str], *, image_size: int, cond_size: int, group_by: str,
                   max_groups: int = 0, max_per_group: int = 0, seed: int = 0,
-                  include_labels: Sequence[int] = (), exclude_labels: Sequence[int] = ()) -> EvalSet:
+                  include_labels: Sequence[int] = (), exclude_labels: Sequence[int] = (),
+                  target_fit: str = "resize") -> EvalSet:
     """Reads page shards (in file order, deterministic) into an `EvalSet`.
 
-    Images are decoded and resized exactly as the training pipeline does (input_pipeline._decode
-    and _resize). Groups are sorted (labels numerically, pages by id); `max_groups` keeps the
+    Images are decoded and prepared exactly as the training pipeline does (`target_fit`, i.e.
+    config.data.target_fit, for the real images; the encoder's resize for the conditions). Groups are sorted (labels numerically, pages by id); `max_groups` keeps the
     first ones, `max_per_group` keeps a seeded random subset of each group's images.
     `include_labels` / `exclude_labels` (config.data.eval_include_labels / eval_exclude_labels)
     keep only / drop images of pages with these labels (e.g. evaluate held-out classes only).
@@ -99,7 +106,7 @@ def load_eval_set(files: Sequence[str], *, image_size: int, cond_size: int, grou
 
     def decode(e):
         image = ip._decode(e["encoded"])
-        return {"target": ip._resize(image, image_size) * 2.0 - 1.0, "cond": ip._resize(image, cond_size),
+        return {"target": ip._resize(image, image_size, target_fit) * 2.0 - 1.0, "cond": ip._resize(image, cond_size),
                 "page_id": e["page_id"], "label": e["label"]}
 
     ds = tf.data.TFRecordDataset(list(files)).flat_map(explode)
@@ -157,19 +164,31 @@ def load_eval_set(files: Sequence[str], *, image_size: int, cond_size: int, grou
                    files=list(files), skipped_images=skipped)
 
 
-def load_train_images(files: Sequence[str], *, image_size: int, max_images: int) -> np.ndarray:
-    """The first `max_images` training images (file order) in [-1, 1]: the memorisation reference."""
+def load_images(files: Sequence[str], *, image_size: int, max_images: int = 0,
+                target_fit: str = "resize") -> tuple[np.ndarray, np.ndarray]:
+    """The first `max_images` images of page shards (file order; 0 = all) prepared like training
+    targets, in [-1, 1], and their pages' labels (-1 without): the memorisation reference and
+    the judge's training set."""
     import tensorflow as tf
 
     from data_pipeline import shards
     from semantica_jax import input_pipeline as ip
 
-    ds = tf.data.TFRecordDataset(list(files)).flat_map(
-        lambda r: tf.data.Dataset.from_tensor_slices(shards.parse_page(r)["images"]))
-    ds = ds.take(max_images).map(lambda e: ip._resize(ip._decode(e), image_size) * 2.0 - 1.0,
-                                 num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-    out = [b for b in ds.batch(512).as_numpy_iterator()]
-    return np.concatenate(out) if out else np.zeros((0, image_size, image_size, 3), np.float32)
+    def explode(record):
+        page = shards.parse_page(record)
+        n = tf.shape(page["images"])[0]
+        return tf.data.Dataset.from_tensor_slices(
+            (page["images"], tf.fill([n], tf.cast(page["label"], tf.int32))))
+
+    ds = tf.data.TFRecordDataset(list(files)).flat_map(explode)
+    if max_images > 0:
+        ds = ds.take(max_images)
+    ds = ds.map(lambda e, label: (ip.target_image(e, image_size, target_fit), label),
+                num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    out = list(ds.batch(512).as_numpy_iterator())
+    if not out:
+        return np.zeros((0, image_size, image_size, 3), np.float32), np.zeros((0,), np.int32)
+    return np.concatenate([b[0] for b in out]), np.concatenate([b[1] for b in out])
 
 
 # ============================================================================ reference features (cached)
@@ -273,7 +292,8 @@ def _nan_mean(values: list[float]) -> float:
 
 def compute_metrics(*, eval_set: EvalSet, plan: Plan, real_feats: np.ndarray, gen_feats: np.ndarray,
                     samples: np.ndarray, prdc_k: int, seed: int, probe=None, pixel_probe=None,
-                    train_feats: np.ndarray | None = None, real_nn: float | None = None) -> dict[str, Any]:
+                    judge=None, train_feats: np.ndarray | None = None,
+                    real_nn: float | None = None) -> dict[str, Any]:
     """All protocol numbers for one set of generated samples (grouped as `plan`)."""
     m = plan.samples_per_condition
     n_cond = len(plan.cond_rows)
@@ -314,6 +334,7 @@ def compute_metrics(*, eval_set: EvalSet, plan: Plan, real_feats: np.ndarray, ge
     out["pixel_diversity"] = _pairwise_mean_distance(flat)
     conds = eval_set.images[plan.cond_rows].reshape(n_cond, 1, -1).astype(np.float64) / np.sqrt(samples[0].size)
     out["pixel_distance_to_condition"] = float(np.sqrt(((flat - conds) ** 2).sum(-1)).mean())
+    out["pixel_diversity_real"] = real_pixel_diversity(eval_set, plan, seed)
 
     if probe is not None:
         cond_labels = eval_set.labels[plan.cond_rows]
@@ -329,6 +350,12 @@ def compute_metrics(*, eval_set: EvalSet, plan: Plan, real_feats: np.ndarray, ge
             sel = plan.cond_groups == g
             e["class_consistency_pixels"] = float(
                 metrics_lib.class_consistency(pixel_probe, var_pix[sel], cond_labels[sel]))
+    if judge is not None:
+        cond_labels = np.repeat(eval_set.labels[plan.cond_rows], m)
+        hits = (judge.predict(samples) == cond_labels).reshape(n_cond, m)
+        out["class_consistency_judge"] = float(hits.mean())
+        for e, g in zip(per_group, range(eval_set.num_groups)):
+            e["class_consistency_judge"] = float(hits[plan.cond_groups == g].mean())
     if train_feats is not None and len(train_feats):
         gen_nn = float(np.mean(metrics_lib.nearest_neighbor_distance(gen_feats, train_feats)))
         out["nearest_train_distance"] = gen_nn
@@ -337,6 +364,24 @@ def compute_metrics(*, eval_set: EvalSet, plan: Plan, real_feats: np.ndarray, ge
             out["memorization_ratio"] = gen_nn / real_nn
     out["per_group"] = per_group
     return out
+
+
+def real_pixel_diversity(eval_set: EvalSet, plan: Plan, seed: int) -> float:
+    """`pixel_diversity` of real images: for every condition, M other real images of its group
+    (seeded) in place of its M variations; the reference for "no collapse"."""
+    m = plan.samples_per_condition
+    if m < 2:
+        return float("nan")
+    rng = np.random.RandomState(seed + 1)
+    sets = []
+    for g in plan.cond_groups:
+        rows = plan.real_rows[g]
+        if len(rows) >= m:
+            sets.append(eval_set.images[rng.choice(rows, m, replace=False)])
+    if not sets:
+        return float("nan")
+    x = np.stack(sets).astype(np.float64)
+    return _pairwise_mean_distance(x.reshape(len(sets), m, -1) / np.sqrt(x[0, 0].size))
 
 
 def pixel_features(images: np.ndarray, size: int = _PIXEL_PROBE_SIZE) -> np.ndarray:

@@ -37,7 +37,8 @@ from semantica_jax.evaluation import fewshot
 
 RESULT_KEYS = ("fd", "precision", "recall", "density", "coverage", "fewshot_fd", "fewshot_precision",
                "fewshot_recall", "fewshot_density", "fewshot_coverage", "consistency", "diversity",
-               "pixel_diversity", "pixel_distance_to_condition", "class_consistency", "class_consistency_pixels",
+               "pixel_diversity", "pixel_diversity_real", "pixel_distance_to_condition", "class_consistency_judge",
+               "class_consistency", "class_consistency_pixels",
                "memorization_ratio", "nearest_train_distance")
 
 
@@ -92,7 +93,8 @@ class Evaluator:
                 files, image_size=size, cond_size=cond, group_by=ec.group_by, max_groups=int(ec.max_groups),
                 max_per_group=int(ec.max_real_per_group), seed=int(ec.seed),
                 include_labels=tuple(config.data.eval_include_labels),
-                exclude_labels=tuple(config.data.eval_exclude_labels))
+                exclude_labels=tuple(config.data.eval_exclude_labels),
+                target_fit=str(config.data.target_fit))
         self.plan = fewshot.make_plan(self.eval_set, int(ec.shots), int(ec.samples_per_condition), int(ec.seed))
         logging.info("Eval set: %d images in %d groups from %d files (%d skipped); %d conditions x %d samples",
                      len(self.eval_set.images), self.eval_set.num_groups, len(files),
@@ -104,7 +106,8 @@ class Evaluator:
         except (ValueError, FileNotFoundError) as e:
             raise config_lib.ConfigError(f"config.eval.extractor={ec.extractor!r}: {e}") from e
         cache = fewshot.FeatureCache(ec.cache_dir)
-        base_key = {"extractor": self.extractor.cache_key, "image_size": size}
+        base_key = {"extractor": self.extractor.cache_key, "image_size": size,
+                    "target_fit": str(config.data.target_fit)}
         key = {**base_key, "files": fewshot.files_fingerprint(files), "group_by": ec.group_by,
                "max_groups": int(ec.max_groups), "max_real_per_group": int(ec.max_real_per_group),
                "include_labels": [int(v) for v in config.data.eval_include_labels],
@@ -124,6 +127,20 @@ class Evaluator:
                     lambda: fewshot.pixel_features(self.eval_set.images), labels, int(ec.seed))
             logging.info("Linear probe on real %s features: 2-fold accuracy %.3f; on grey pixels: %.3f",
                          self.extractor.name, self.probe_accuracy, self.pixel_probe_accuracy)
+        self.judge, self.judge_accuracy, self.judge_accuracy_per_group = None, float("nan"), []
+        if ec.judge not in ("cnn", "none"):
+            raise config_lib.ConfigError(f"config.eval.judge={ec.judge!r}; expected 'cnn' or 'none'")
+        if ec.judge == "cnn" and np.all(labels >= 0) and len(np.unique(labels)) >= 2:
+            with fewshot.timed("Class judge"):
+                self.judge = self._judge(config, cache, size)
+            hits = self.judge.predict(self.eval_set.images) == labels
+            self.judge_accuracy = float(hits.mean())
+            self.judge_accuracy_per_group = [float(hits[self.eval_set.groups == g].mean())
+                                             for g in range(self.eval_set.num_groups)]
+            logging.info("Class judge: accuracy %.3f on the %d real eval images (held out from its training)",
+                         self.judge_accuracy, len(labels))
+        elif ec.judge == "cnn":
+            logging.info("Class judge: not applicable (the eval set has no class labels)")
         self.train_feats, self.real_nn = None, None
         n_train = int(ec.memorization_images)
         if n_train > 0 and config.data.train_files:
@@ -135,10 +152,42 @@ class Evaluator:
             if train_files:
                 tkey = {**base_key, "files": fewshot.files_fingerprint(train_files), "train_images": n_train}
                 self.train_feats = cache.get_or_compute(tkey, lambda: self.extractor(
-                    fewshot.load_train_images(train_files, image_size=size, max_images=n_train)))
+                    fewshot.load_images(train_files, image_size=size, max_images=n_train,
+                                        target_fit=str(config.data.target_fit))[0]))
                 from semantica_jax.evaluation import metrics as metrics_lib
 
                 self.real_nn = float(np.mean(metrics_lib.nearest_neighbor_distance(self.real_feats, self.train_feats)))
+
+    def _judge(self, config: ml_collections.ConfigDict, cache: fewshot.FeatureCache, size: int):
+        from semantica_jax import input_pipeline
+        from semantica_jax.evaluation import judge as judge_lib
+
+        ec = config.eval
+        pattern = ec.judge_files or config.data.train_files
+        if not pattern:
+            raise config_lib.ConfigError("the class judge needs labelled training shards: set "
+                                         "config.eval.judge_files (or eval.judge='none')")
+        try:
+            files = input_pipeline.list_shard_files(pattern)
+        except (ValueError, FileNotFoundError) as e:
+            raise config_lib.ConfigError(f"config.eval.judge_files: {e}") from e
+        eval_files = {os.path.abspath(f) for f in self.eval_set.files}
+        if eval_files & {os.path.abspath(f) for f in files}:
+            raise config_lib.ConfigError("config.eval.judge_files overlap the eval files: the judge "
+                                         "must be trained on the training split only")
+        fit = str(config.data.target_fit)
+        settings = judge_lib.JudgeSettings(epochs=int(ec.judge_epochs), seed=int(ec.seed))
+        key = {"judge": settings.key(), "files": fewshot.files_fingerprint(files), "image_size": size,
+               "target_fit": fit}
+
+        def fit_judge():
+            images, labels = fewshot.load_images(files, image_size=size, target_fit=fit)
+            if len(labels) == 0 or np.any(labels < 0):
+                raise config_lib.ConfigError(f"the class judge needs labelled pages; {pattern} has "
+                                             f"{int(np.sum(labels < 0))} unlabelled images")
+            return judge_lib.train_judge(images, labels, settings).to_arrays()
+
+        return judge_lib.Judge.from_arrays(cache.get_or_compute_arrays(key, fit_judge, what="class judge"))
 
     def check_compatible(self, config: ml_collections.ConfigDict) -> None:
         """Later checkpoints must share the eval set's resolutions (the cached features)."""
@@ -163,6 +212,8 @@ class Evaluator:
             "groups": es.num_groups, "shots": int(ec.shots), "samples_per_condition": m,
             "group_by": ec.group_by, "probe_accuracy_real": self.probe_accuracy,
             "pixel_probe_accuracy_real": self.pixel_probe_accuracy,
+            "judge_accuracy_real": self.judge_accuracy,
+            "judge_accuracy_real_per_group": dict(zip(es.group_names, self.judge_accuracy_per_group)),
             "eval_config": ec.to_dict(), "eval_files": self.eval_set.files, "by_guidance": {},
         }
         for scale in ec.guidance_scales:
@@ -175,7 +226,7 @@ class Evaluator:
             gen_feats = self.extractor(samples)
             numbers = fewshot.compute_metrics(
                 eval_set=es, plan=plan, real_feats=self.real_feats, gen_feats=gen_feats, samples=samples,
-                prdc_k=int(ec.prdc_k), seed=int(ec.seed), probe=self.probe, pixel_probe=self.pixel_probe, train_feats=self.train_feats,
+                prdc_k=int(ec.prdc_k), seed=int(ec.seed), probe=self.probe, pixel_probe=self.pixel_probe, judge=self.judge, train_feats=self.train_feats,
                 real_nn=self.real_nn)
             numbers.update(sampler=settings.describe(), generate_seconds=gen_s,
                            images_per_second=sampler.images_per_second)
@@ -201,6 +252,7 @@ class Evaluator:
             rows.append(samples[first * m:(first + 1) * m])
             conds.append((es.images[plan.cond_rows[first]] + 1.0) / 2.0)
             labels.append(es.group_names[g])
+        labels = images_lib.class_names_for(labels, tuple(self.config.data.class_names))
         return images_lib.variation_grid(np.stack(conds), np.concatenate(rows), m, int(self.config.data.image_size),
                                          row_labels=labels)
 

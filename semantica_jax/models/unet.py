@@ -120,6 +120,8 @@ class UNet(nn.Module):
       mlp_ratio: TransformerBlock MLP hidden = mlp_ratio * channels.
       cond_dim: width of the projected conditioning tokens; -1 = channels[-1].
       pooled_cond: add the projected pooled encoder vector to the time embedding.
+      token_cond: cross-attend to the projected encoder tokens (False: to the learned null
+        sequence only, the "pooled only" ablation; needs pooled_cond for any conditioning).
       dropout: dropout rate inside ResBlocks (train only).
       dtype: compute dtype; params stay float32; the prediction is returned in float32.
       out_channels: channels of the prediction.
@@ -137,6 +139,7 @@ class UNet(nn.Module):
     mlp_ratio: int = 4
     cond_dim: int = -1
     pooled_cond: bool = True
+    token_cond: bool = True
     dropout: float = 0.0
     dtype: layers.Dtype = jnp.float32
     out_channels: int = 3
@@ -282,7 +285,10 @@ class UNet(nn.Module):
             (num_tokens, cond_dim),
             layers.PARAM_DTYPE,
         )
-        cond = jnp.where(cond_mask[:, None, None], cond, null_tokens.astype(dtype)[None])
+        # token_cond=False (ablation): cross-attention always sees the learned null sequence, so
+        # the image reaches the denoiser through the pooled vector only.
+        token_mask = cond_mask if self.token_cond else jnp.zeros_like(cond_mask)
+        cond = jnp.where(token_mask[:, None, None], cond, null_tokens.astype(dtype)[None])
         cond = layers.constrain_tokens(cond)
 
         # ------------------------------------------------------------ UNet
@@ -386,6 +392,7 @@ def unet_from_config(model_config: Any, platform: str | None = None) -> UNet:
         mlp_ratio=int(model_config.mlp_ratio),
         cond_dim=int(model_config.cond_dim),
         pooled_cond=bool(model_config.pooled_cond),
+        token_cond=bool(model_config.get("token_cond", True)),
         dropout=float(model_config.dropout),
         dtype=model_config.dtype,
         remat=bool(model_config.remat),
