@@ -162,6 +162,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.diffusion.prediction = "v"  # 'v' | 'eps' | 'x'
     c.diffusion.loss_weighting = "v"  # 'v' (v-MSE), 'eps', 'x' (paper's x-space L2), 'sigmoid'
     c.diffusion.sigmoid_bias = -3.0  # for 'sigmoid' weighting: w = sigmoid(bias - logsnr) style
+    # Grey images stored as RGB: one noise draw shared by the channels and channel-mean x
+    # estimates, i.e. the diffusion of the 1-channel images they are (diffusion.noise).
+    c.diffusion.tie_channels = False
     c.diffusion.cond_drop_prob = 0.1  # classifier-free guidance: p(condition -> learned null)
 
     # ---------------------------------------------------------------- optimiser

@@ -88,6 +88,17 @@ def diffuse(x: jax.Array, eps: jax.Array, logsnr: jax.Array) -> jax.Array:
     return _bcast(a, x) * x + _bcast(s, x) * eps
 
 
+def noise(key: jax.Array, shape: tuple[int, ...], tie_channels: bool = False,
+          dtype=jnp.float32) -> jax.Array:
+    """Standard normal noise of `shape` [..., C]; with `tie_channels` one draw shared by all C
+    channels (config.diffusion.tie_channels: grey images stored as RGB diffuse as the 1-channel
+    images they are; independent noise would hand the model C noisy copies of each pixel, i.e.
+    a +log C shift of the schedule that it must first learn to exploit by averaging)."""
+    if not tie_channels:
+        return jax.random.normal(key, shape, dtype)
+    return jnp.broadcast_to(jax.random.normal(key, tuple(shape[:-1]) + (1,), dtype), shape)
+
+
 # --------------------------------------------------------------------------- parameterisations
 def v_from_x_eps(x, eps, logsnr):
     a, s = alpha_sigma(logsnr)
@@ -203,6 +214,7 @@ def sample(
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     clip_x: bool = True,
     example_keys: jax.Array | None = None,
+    tie_channels: bool = False,
 ) -> jax.Array:
     """Generates x from pure noise with `num_steps` uniform steps in t from 1 to 0.
 
@@ -214,6 +226,8 @@ def sample(
     `example_keys` ([B] PRNG keys, `rng` is then ignored) draws every example's noise from its
     own key, so a sample depends only on its key and condition, not on the batch it was
     generated in or on how that batch is sharded (the eval job and `vary` use this).
+    `tie_channels` (grey data, see `noise`): one noise draw for all channels, and the x estimate
+    is the channel mean, so every step and the result are exactly grey.
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler={sampler!r}; expected 'ddpm' or 'ddim'")
@@ -224,16 +238,15 @@ def sample(
             raise ValueError(f"{example_keys.shape[0]} example keys for a batch of {shape[0]}")
 
         def draw_noise(i):
-            return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape[1:], jnp.float32))(
-                example_keys)
+            return jax.vmap(lambda k: noise(jax.random.fold_in(k, i), shape[1:], tie_channels))(example_keys)
 
         z = draw_noise(num_steps)  # an index the loop never uses
     else:
         noise_rng, loop_rng = jax.random.split(rng)
-        z = jax.random.normal(noise_rng, shape, jnp.float32)
+        z = noise(noise_rng, shape, tie_channels)
 
         def draw_noise(i):
-            return jax.random.normal(jax.random.fold_in(loop_rng, i), shape, jnp.float32)
+            return noise(jax.random.fold_in(loop_rng, i), shape, tie_channels)
 
     batch = shape[0]
 
@@ -243,6 +256,8 @@ def sample(
             model_fn, z, logsnr, t, guidance_scale=guidance_scale, guidance_interval=guidance_interval
         )
         x_hat, _ = to_x_eps(out.astype(jnp.float32), z, logsnr, prediction)
+        if tie_channels:
+            x_hat = jnp.broadcast_to(jnp.mean(x_hat, axis=-1, keepdims=True), x_hat.shape)
         if clip_x:
             x_hat = jnp.clip(x_hat, -1.0, 1.0)
         # eps consistent with the (possibly clipped) x estimate.

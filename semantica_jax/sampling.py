@@ -98,7 +98,7 @@ class Sampler:
                 prediction=dc.prediction, num_steps=int(settings.num_steps), sampler=settings.sampler,
                 guidance_scale=float(settings.guidance_scale),
                 guidance_interval=tuple(float(v) for v in settings.guidance_interval),
-                example_keys=keys,
+                example_keys=keys, tie_channels=bool(dc.get("tie_channels", False)),
             )
 
         batch_sh = sharding.batch_sharding(self.mesh)

@@ -824,8 +824,9 @@ def _pct(x) -> str:
 
 
 def _stack_grids(tiles: list[tuple[str, str]], path: str, row_labels: list[str] | None = None,
-                 scale: int = 2) -> str | None:
-    """Side by side: each (label, png) tile under its label, optional row labels on the left."""
+                 scale: int = 1) -> str | None:
+    """Side by side: each (label, png) tile under its label, optional row labels on the left (the
+    eval grids are already upscaled and carry their own class labels)."""
     from PIL import Image, ImageDraw
 
     ims = [(lab, Image.open(p).convert("RGB")) for lab, p in tiles if p and os.path.exists(p)]
@@ -867,24 +868,8 @@ def _first_seed(arm: dict) -> tuple[int, dict] | None:
     return None
 
 
-def _row_labels(study: dict, arms: dict) -> list[str] | None:
-    for arm in arms.values():
-        first = _first_seed(arm)
-        if first:
-            r = first[1]["result"]
-            groups = [g["group"] for g in next(iter(r["by_guidance"].values())).get("per_group", [])]
-            n = min(len(groups), int((first[1].get("eval_fingerprint") or {}).get("grid_groups", 10)))
-            labels = []
-            for g in groups[:n]:
-                lab = _label_of(g)
-                labels.append(study["class_names"].get(lab, g) if lab is not None else g[:12])
-            return labels
-    return None
-
-
 def make_grids(study: dict, arms: dict, out: str) -> dict:
     grids = {}
-    labels = _row_labels(study, arms)
     for g in study["grids"]["guidance"]:
         sc = _scale_key(g)
         tiles = []
@@ -892,7 +877,7 @@ def make_grids(study: dict, arms: dict, out: str) -> dict:
             first = _first_seed(arms[n])
             if first:
                 tiles.append((f"{n} (seed {first[0]})", _grid_png(first[1], sc)))
-        p = _stack_grids(tiles, os.path.join(out, "grids", f"side_by_side_g{sc}.png"), labels)
+        p = _stack_grids(tiles, os.path.join(out, "grids", f"side_by_side_g{sc}.png"))
         if p:
             grids[f"side_by_side_g{sc}"] = p
     for c in study["claims"]:
@@ -903,7 +888,7 @@ def make_grids(study: dict, arms: dict, out: str) -> dict:
             continue
         scales = sorted(first[1]["result"]["by_guidance"], key=float)
         tiles = [(f"guidance {sc}", _grid_png(first[1], sc)) for sc in scales]
-        p = _stack_grids(tiles, os.path.join(out, "grids", f"guidance_{c['arms'][0]}.png"), labels)
+        p = _stack_grids(tiles, os.path.join(out, "grids", f"guidance_{c['arms'][0]}.png"))
         if p:
             grids[f"guidance_{c['arms'][0]}"] = p
     return grids

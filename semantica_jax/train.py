@@ -120,7 +120,7 @@ def make_train_step(config, unet: nn.Module, encoder: encoder_lib.FrozenEncoder,
         tokens, pooled = condition(encoder, enc_params, batch)  # frozen: stop_gradient
         t = jax.random.uniform(k_t, (b,))
         logsnr = schedule_fn(t)
-        eps = jax.random.normal(k_eps, x.shape, x.dtype)
+        eps = diffusion.noise(k_eps, x.shape, bool(dc.tie_channels), x.dtype)
         z = diffusion.diffuse(x, eps, logsnr)
         cond_mask = jax.random.uniform(k_drop, (b,)) >= dc.cond_drop_prob
 
@@ -177,7 +177,7 @@ def make_eval_step(config, unet, encoder):
         tokens, pooled = condition(encoder, enc_params, batch)
         t = (jnp.arange(b, dtype=jnp.float32) + 0.5) / b
         logsnr = schedule_fn(t)
-        eps = jax.random.normal(rng, x.shape, x.dtype)
+        eps = diffusion.noise(rng, x.shape, bool(dc.tie_channels), x.dtype)
         z = diffusion.diffuse(x, eps, logsnr)
         out = unet.apply({"params": ema_params}, z, logsnr, tokens, pooled, jnp.ones((b,), bool), train=False)
         per_ex = diffusion.loss_per_example(
@@ -213,7 +213,7 @@ def make_sample_fn(config, unet, encoder):
             model_fn, rng, (tokens.shape[0], size, size, 3),
             schedule_fn=schedule_fn, prediction=dc.prediction, num_steps=sc.num_steps,
             sampler=sc.sampler, guidance_scale=sc.guidance_scale,
-            guidance_interval=tuple(sc.guidance_interval),
+            guidance_interval=tuple(sc.guidance_interval), tie_channels=bool(dc.tie_channels),
         )
 
     return sample_fn

@@ -226,3 +226,7 @@ def test_tiny_config_variants():
     assert c.data.exclude_labels == (8, 9) and "_sim" in c.data.train_files
     assert module.get_config("include_labels=3").data.include_labels == (3,)
     assert module.get_config(None).data.pair_filter == "none"
+    c = module.get_config("enc_res=112")
+    assert c.encoder.image_size == 112 and "img_focus112" in c.data.train_files
+    with pytest.raises(ValueError, match="enc_res=30"):
+        module.get_config("enc_res=30")
