@@ -27,7 +27,7 @@ setup(
         "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0",
                  "jax[tpu]==0.10.2", "prdc==0.2", "scikit-learn==1.9.1"],
         # Web-scale preprocessing; needs protobuf 6.33.6, which requirements.txt pins.
-        "data": ["apache-beam[tfrecord]==2.77.0", "google-crc32c==1.9.0", "pillow==12.3.0", "pyarrow==25.0.1"],
+        "data": ["apache-beam[tfrecord]==2.77.0", "google-crc32c==1.9.0", "pyarrow==25.0.1"],
         # AOT compile for / run on TPU (libtpu 0.0.42.1 matches jax 0.10.2).
         "tpu": ["jax[tpu]==0.10.2"],
         "gpu": ["jax[cuda12]==0.10.2"],

@@ -55,3 +55,14 @@ echo "  few-shot eval:  $(ls "$WORKDIR"/eval/export_step_*.json | tail -n 1) (+ 
 echo "  vary:           $WORKDIR/vary/grid.png (semantica-vary on two held-out images)"
 echo "  TensorBoard:    $PYBIN -m tensorboard.main --logdir $WORKDIR"
 cat "$WORKDIR/metrics.json"
+echo
+"$PYBIN" - "$(ls "$WORKDIR"/eval/export_step_*.json | tail -n 1)" "$CONFIG" <<'PY'
+import json, sys
+from semantica_jax.evaluation import job
+result = json.load(open(sys.argv[1]))
+names = job.load_config_file(sys.argv[2]).data.class_names
+print(f"Few-shot eval of the export (step {result['step']}, {result['groups']} classes x {result['shots']} "
+      f"held-out conditions x {result['samples_per_condition']} variations):")
+print(job.headline(result, names))
+PY
+echo "Main job took $((SECONDS / 60)) min $((SECONDS % 60)) s."

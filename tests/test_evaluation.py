@@ -258,15 +258,18 @@ def test_eval_job_resumes_after_kill_without_redoing_checkpoints(trained, tmp_pa
     r = json.load(open(os.path.join(eval_dir, "step_10.json")))
     numbers = r["by_guidance"]["1"]
     for key in ("fd", "precision", "recall", "density", "coverage", "consistency", "diversity",
-                "pixel_diversity", "memorization_ratio", "per_group"):
+                "pixel_diversity", "pixel_diversity_real", "memorization_ratio", "per_group",
+                "class_consistency_judge"):
         assert key in numbers, key
+    assert 0.0 <= r["judge_accuracy_real"] <= 1.0  # the judge, trained on the train split's pages
+    assert "class-consistency (class judge" in job.headline(r)
     assert numbers["num_generated"] == 16 * 1 * 2  # 16 eval pages x 1 shot x 2 samples
     assert os.path.exists(numbers["grid"])
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(eval_dir))
     # Nothing left to do: a third run evaluates nothing; the reference features came from the cache.
     assert job.run_eval_job(config, workdir, once=True) == []
-    # eval-set and training-image features + the two linear probes (features, pixels)
-    assert len(os.listdir(config.eval.cache_dir)) == 4
+    # eval-set and training-image features + the two linear probes (features, pixels) + the judge
+    assert len(os.listdir(config.eval.cache_dir)) == 5
 
 
 def test_eval_job_on_an_export_and_bad_config(trained, exported, tmp_path):
@@ -282,3 +285,7 @@ def test_eval_job_on_an_export_and_bad_config(trained, exported, tmp_path):
         job.run_eval_job(config, str(tmp_path / "x"), export_dir=exported)
     with pytest.raises(config_lib.ConfigError, match="does not exist"):
         job.run_eval_job(config, str(tmp_path / "y"), export_dir=str(tmp_path / "nope"))
+    config.eval.group_by = "page"
+    config.eval.judge_files = config.data.eval_files  # the judge must never see the eval split
+    with pytest.raises(config_lib.ConfigError, match="overlap the eval files"):
+        job.run_eval_job(config, str(tmp_path / "z"), export_dir=exported)

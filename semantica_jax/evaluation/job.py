@@ -356,6 +356,30 @@ def summary_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(result: dict, class_names=()) -> str:
+    """The few numbers a reader looks at first: class-consistency by the judge per guidance
+    scale against its ceiling, the worst class, diversity against real images, memorisation."""
+    from semantica_jax import images as images_lib
+
+    by = result["by_guidance"]
+    lines = []
+    if "class_consistency_judge" in next(iter(by.values())):
+        cc = ", ".join(f"guidance {g}: {r['class_consistency_judge']:.2f}" for g, r in by.items())
+        lines.append(f"class-consistency (class judge; it scores real eval images "
+                     f"{result['judge_accuracy_real']:.2f}): {cc}")
+        for g, r in by.items():
+            worst = min(r["per_group"], key=lambda e: e["class_consistency_judge"])
+            name = images_lib.class_names_for([worst["group"]], tuple(class_names))[0]
+            lines.append(f"  guidance {g}: worst class {name} {worst['class_consistency_judge']:.2f}")
+    r1 = next(iter(by.values()))
+    g1 = next(iter(by))
+    lines.append(f"guidance {g1}: pixel diversity {r1['pixel_diversity']:.3f} (real same-class images "
+                 f"{r1.get('pixel_diversity_real', float('nan')):.3f}), pixel distance to the condition "
+                 f"{r1['pixel_distance_to_condition']:.3f}, memorisation ratio "
+                 f"{r1.get('memorization_ratio', float('nan')):.2f}, FD {r1['fd']:.0f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     """`semantica-eval` (argparse; `main.py --mode=eval` is the absl equivalent)."""
     import argparse
