@@ -37,3 +37,29 @@ def test_run_all_quick_writes_every_section(tmp_path):
     assert r["memory"]["runs"][0]["peak_rss_mib"] > 0
     assert r["memory"]["compiled"][0]["temp"] > 0
     assert "skipped" in r["data"] or r["data"]
+
+
+def test_recipe_ablation_rows_and_table():
+    """Rows are the base recipe plus one change (the row's value wins); the table reads the eval
+    job's numbers per guidance scale and names the worst class."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import recipe_ablation as ra
+
+    assert ra.row_overrides("default") == ()
+    steps = dict(o.split("=", 1) for o in ra.row_overrides("steps2x"))
+    assert steps["train.num_steps"] == "2600" and steps["diffusion.tie_channels"] == "False"
+    assert dict(o.split("=", 1) for o in ra.row_overrides("base")) == dict(o.split("=", 1) for o in ra.BASE)
+
+    def numbers(cc, worst):
+        return {"class_consistency_judge": cc, "fd": 1.0, "pixel_diversity": 0.5, "pixel_diversity_real": 0.6,
+                "pixel_distance_to_condition": 0.5, "memorization_ratio": 1.2,
+                "per_group": [{"group": "label 6", "class_consistency_judge": worst},
+                              {"group": "label 1", "class_consistency_judge": 0.9}]}
+
+    result = {"step": 10, "judge_accuracy_real": 0.9,
+              "by_guidance": {"1": numbers(0.5, 0.1), "2": numbers(0.6, 0.2)}}
+    row = ra.summarise(result, 60.0)
+    assert row["by_guidance"]["1"]["worst_class"] == ("label 6", 0.1)
+    line = ra.table({"base": {"0": row, "1": ra.summarise(result, 120.0)}}).splitlines()[-1]
+    assert line.startswith("| base |") and "| 2 | 0.50 ± 0.00 | 0.60 ± 0.00 | – | Shirt 0.10 |" in line
+    assert line.endswith("1.5 min |")
