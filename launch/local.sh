@@ -43,7 +43,7 @@ for i, page in zip(range(2), shards.read_pages(src)):
     open(f"{out}/input_{i}.png", "wb").write(page["images"][0])
 PY
 "$PYBIN" -m semantica_jax.vary --export="$WORKDIR/export" --image "$WORKDIR"/vary/input_0.png \
-    "$WORKDIR"/vary/input_1.png --num=8 --steps=100 --seed=0 --out="$WORKDIR/vary/grid.png" >/dev/null
+    "$WORKDIR"/vary/input_1.png --num=8 --sampler=ddim --steps=50 --seed=0 --out="$WORKDIR/vary/grid.png" >/dev/null
 
 echo
 echo "Results in $WORKDIR:"
