@@ -14,7 +14,7 @@ r"""Data benchmarks: the Beam page builder's throughput and the training pair pi
    index choice, then decoding the same two images per page and nothing else (no resize, no
    batch). The ratio pairs/s / decode-only pairs/s is the pipeline's efficiency (target >= 0.9).
    Both are measured after a warm-up, alternating, `--repeats` times; the best of each is kept.
-The machine's load average is recorded (other jobs on shared cores lower every number).
+The machine's load average is recorded (other processes on the same cores lower every number).
 """
 from __future__ import annotations
 

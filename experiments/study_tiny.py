@@ -101,7 +101,7 @@ def get_study(arg=None):
         ],
         claims=[
             dict(id="calibration", title="0. Calibration: class-consistency of the main arm",
-                 question=("The issue's aim: >= 70 % class-consistency on held-out (eval-split) conditions "
+                 question=("The study's aim: >= 70 % class-consistency on held-out (eval-split) conditions "
                            "at <= 30 min per arm. Earlier calibration with a random frozen encoder after 9 "
                            "minutes: 46 % / 60 % at guidance 1 / 2 (a different classifier)."),
                  arms=("pairs",),
