@@ -80,7 +80,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.min_images_per_page = 2
     c.data.shuffle_buffer = 10_000  # pages
     c.data.file_shuffle = True
-    c.data.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
+    c.data.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE (one call per core unless data.autotune)
+    # tf.data's autotuning thread. Off: with the pinned TensorFlow an iterator whose tuner has
+    # run a while blocks its destructor until the tuning period (up to 60 s) ends, i.e. at the
+    # end of every run (input_pipeline.make_pair_dataset).
+    c.data.autotune = False
     c.data.prefetch = 2  # batches
     c.data.cache_decoded = False  # keep decoded pages in memory after the first epoch
     # Decode JPEG targets at the largest DCT scale (1/2, 1/4, 1/8) that stays >= image_size

@@ -213,6 +213,7 @@ def make_pair_dataset(
     exclude_labels: Sequence[int] = (),
     jpeg_dct_scaling: bool = True,
     target_fit: str = "resize",
+    autotune: bool = False,
 ) -> tf.data.Dataset:
     """Batches of (cond, target) pairs from page shard `files` (see module docstring).
 
@@ -227,7 +228,8 @@ def make_pair_dataset(
       repeat: repeat forever.
       shuffle_buffer: page shuffle buffer size (pages, holding their encoded images).
       min_images_per_page: pages with fewer images are skipped (>= 2 for 'pairs').
-      num_parallel_calls: parallelism of the map stages; -1 = tf.data.AUTOTUNE.
+      num_parallel_calls: parallelism of the map stages; -1 = tf.data.AUTOTUNE (tuned when
+        `autotune`, else one call per CPU core).
       prefetch: batches to prefetch; -1 = AUTOTUNE, 0 = none.
       cache_decoded: decode every image of every page once and keep the decoded pages in memory
         (for small datasets that fit, e.g. Fashion-MNIST; saves re-decoding every epoch).
@@ -248,6 +250,10 @@ def make_pair_dataset(
         is always fully decoded (its pixels match `semantica_jax.embed_cache`'s).
       target_fit: how a target becomes `image_size` square: 'resize' (see "Images"), or 'pad'
         (an image no larger than image_size centred on a black canvas, no resampling).
+      autotune: run tf.data's autotuning thread (`tf.data.Options.autotune`). Off by default:
+        with the pinned TensorFlow, destroying an iterator whose tuning thread has run for a
+        while blocks until the thread's current tuning period (up to 60 s) ends, which every
+        training run paid at exit; with it off, AUTOTUNE parallelism is one call per core.
     """
     if target_fit not in TARGET_FITS:
         raise ValueError(f"data.target_fit={target_fit!r}; expected one of {TARGET_FITS}")
@@ -369,6 +375,7 @@ def make_pair_dataset(
         ds = ds.prefetch(tf.data.AUTOTUNE if prefetch == -1 else prefetch)
     options = tf.data.Options()
     options.deterministic = True
+    options.autotune.enabled = bool(autotune)
     return ds.with_options(options)
 
 
@@ -445,6 +452,7 @@ def _common_kwargs(config: Any) -> dict[str, Any]:
         sim_high=float(d.sim_high),
         jpeg_dct_scaling=bool(d.jpeg_dct_scaling),
         target_fit=str(d.target_fit),
+        autotune=bool(d.get("autotune", False)),
     )
 
 

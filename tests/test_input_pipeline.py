@@ -157,6 +157,20 @@ def test_deterministic_given_seed(synth):
     assert not np.array_equal(indices(d), indices(e))
 
 
+def test_autotune_is_off_unless_asked_and_gives_the_same_stream(synth):
+    """tf.data's tuning thread is off by default (its iterator's destructor can block for up to
+    a tuning period, 60 s, at the end of a run); turning it on changes no element."""
+    off = _dataset(synth["files"], seed=3)
+    on = _dataset(synth["files"], seed=3, autotune=True)
+    assert off.options().autotune.enabled is False
+    assert on.options().autotune.enabled is True
+    a, b = _collect(off, 4), _collect(on, 4)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    config = config_lib.default_config()
+    assert config.data.autotune is False
+
+
 def test_epochs_reshuffle_and_redraw_pairs(synth):
     per_epoch = NUM_PAGES - SINGLE_IMAGE_PAGES  # 36 = 4 batches of 9
     got = _collect(_dataset(synth["files"], seed=1, batch_size=9), 12)  # 3 epochs
