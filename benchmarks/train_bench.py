@@ -20,7 +20,7 @@ before jax is imported, so the parent starts a child per count). In each child:
     the machine's load; the ratios much less).
 
 Configs: 'tiny' = experiments/semantica_tiny.py's denoiser (16/32/64 channels, 32 px, batch 32,
-5 DINOv2-S tokens); 'S' = experiments/semantica_base.py's S denoiser at 64 px (128/256/512,
+17 DINOv2-S tokens: 4x4 patches + CLS); 'S' = experiments/semantica_base.py's S denoiser at 64 px (128/256/512,
 85 M params, 257 DINOv2-B tokens of 768) in float32 (bfloat16 is emulated and slow on CPU).
 Everything else is the experiment's config; `--set=model.remat=True` style overrides apply.
 """
@@ -59,8 +59,8 @@ def bench_config(name: str, batch: int = 0, overrides: tuple[str, ...] = ()):
 
     if name == "tiny":
         c = semantica_tiny.get_config("encoder=random")
-        # the main job's token shapes: DINOv2-S/14 at 28 px = CLS + 2x2 patches, width 384
-        c.encoder.size, c.encoder.image_size = "S", 28
+        # the main job's token shapes: DINOv2-S/14 at 56 px = CLS + 4x4 patches, width 384
+        c.encoder.size, c.encoder.image_size = "S", 56
     elif name in ("S", "B", "L"):
         c = semantica_base.get_config(f"size={name}")
         c.model.dtype = "float32"
