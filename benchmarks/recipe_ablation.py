@@ -54,6 +54,9 @@ ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "cond_dim32": ("", ("model.cond_dim=32",), "tokens projected to 32 instead of 64"),
     "wide": ("", ("model.channels=(32,64,128)", "train.num_steps=520"),
              "2x channels at the same train wall time (2.2 vs 5.5 steps/s: 520 steps)"),
+    "patch2": ("", ("model.patch_size=2", "model.channels=(32,64)"),
+               "patchified stem: 2x2 pixel blocks folded into channels, levels at 16 and 8 px "
+               "with 32 / 64 channels (no 32-px feature maps)"),
     "lr3e-4": ("", ("optimizer.learning_rate=3e-4",), "learning rate 3e-4"),
     "ema0.999": ("", ("optimizer.ema_decay=0.999",), "EMA decay 0.999"),
     "cosine": ("", ("optimizer.decay=cosine",), "learning rate decayed to 0 by a cosine"),

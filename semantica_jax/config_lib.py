@@ -144,6 +144,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.num_res_blocks = -1  # -1 = from size
     c.model.num_heads = -1  # -1 = from size
     c.model.attn_resolution = 16  # transformer blocks at this resolution and below
+    # Patchified stem: fold p x p pixel blocks into channels before conv_in (and unfold the
+    # output); level 0 then runs at data.image_size / p. 1 = none.
+    c.model.patch_size = 1
     c.model.mlp_ratio = 4
     c.model.cond_dim = -1  # width of projected encoder tokens; -1 = transformer width
     c.model.pooled_cond = True  # add projected pooled encoder vector to the time embedding

@@ -491,7 +491,9 @@ def test_unet_from_config_overrides():
     c.dtype = "bfloat16"
     c.remat = True
     c.dropout = 0.1
+    c.patch_size = 2
     model = unet.unet_from_config(c)
+    assert model.patch_size == 2
     assert model.channels == (16, 32) and isinstance(model.channels, tuple)
     assert (model.num_res_blocks, model.num_heads, model.attn_resolution) == (2, 4, 8)
     assert (model.cond_dim, model.pooled_cond, model.dtype, model.remat, model.dropout) == (
@@ -505,6 +507,39 @@ def test_unet_from_config_overrides():
     c.size = "XXL"
     with pytest.raises(ValueError, match=r"model.size='XXL'"):
         unet.unet_from_config(c)
+
+
+def test_space_to_depth_round_trip_and_block_layout():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    y = layers.space_to_depth(x, 2)
+    assert y.shape == (2, 2, 3, 12)
+    # Channel k*C + c of block (i, j) is pixel (2i + k // 2, 2j + k % 2), channel c.
+    np.testing.assert_array_equal(y[1, 1, 2, 3 * 3 + 1], x[1, 3, 5, 1])
+    np.testing.assert_array_equal(y[0, 0, 1, 1 * 3 + 2], x[0, 0, 3, 2])
+    np.testing.assert_array_equal(layers.depth_to_space(y, 2), x)
+    with pytest.raises(ValueError, match="not divisible"):
+        layers.space_to_depth(x, 4)
+
+
+def test_unet_patchified_stem(unet_inputs):
+    """patch_size=2: levels run at RES/2, the output is full-resolution, and the model still
+    depends on the condition; a resolution the patch does not divide is refused."""
+    kw = dict(UNET_KW, channels=(16,), attn_resolution=8, patch_size=2)
+    model = unet.UNet(**kw)
+    i = unet_inputs
+    assert model.level_resolutions(RES) == (RES // 2,)
+    args = (i["x"], i["logsnr"], i["tokens_a"], i["pooled_a"], None)
+    params = _perturb(nn.meta.unbox(model.init(jax.random.PRNGKey(0), *args, train=False)["params"]),
+                      jax.random.PRNGKey(3))
+    assert params["conv_in"]["kernel"].shape[-2] == 4 * 3
+    assert params["conv_out"]["kernel"].shape[-1] == 4 * 3
+    out = model.apply({"params": params}, *args, train=False)
+    assert out.shape == (B, RES, RES, 3) and np.all(np.isfinite(out))
+    out_b = model.apply({"params": params}, i["x"], i["logsnr"], i["tokens_b"], i["pooled_b"], None,
+                        train=False)
+    assert np.abs(np.asarray(out) - np.asarray(out_b)).max() > 1e-4
+    with pytest.raises(ValueError, match="patch_size=3"):
+        unet.UNet(**dict(kw, patch_size=3)).level_resolutions(RES)
 
 
 def test_group_norm_groups_divide_channels():

@@ -33,6 +33,8 @@ import optax
 from absl import logging
 from flax import traverse_util
 
+from semantica_jax.models import layers
+
 JUDGE_VERSION = 2
 WIDTHS = (32, 64, 128)
 
@@ -54,11 +56,10 @@ class JudgeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        b, h, w, c = x.shape
+        _, h, w, _ = x.shape
         if h % 8 or w % 8:
             raise ValueError(f"the class judge needs image sides divisible by 8, got {h}x{w}")
-        # Space-to-depth: every 2x2 pixel block becomes 4 channels (no pixel is dropped).
-        x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, 4 * c)
+        x = layers.space_to_depth(x, 2)  # every 2x2 pixel block becomes 4 channels
         for i, width in enumerate(WIDTHS):
             x = nn.Conv(width, (3, 3))(x)
             x = nn.swish(nn.GroupNorm(num_groups=8)(x))

@@ -68,6 +68,25 @@ def layer_norm(
     )
 
 
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+    """[B, H, W, C] -> [B, H/p, W/p, p*p*C]: every p x p pixel block becomes channels (row-major
+    within the block, channels last); `depth_to_space` inverts it exactly."""
+    b, h, w, c = x.shape
+    if h % p or w % p:
+        raise ValueError(f"space_to_depth: {h}x{w} is not divisible by the block size {p}")
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+    """[B, H, W, p*p*C] -> [B, H*p, W*p, C], the inverse of `space_to_depth`."""
+    b, h, w, pc = x.shape
+    if pc % (p * p):
+        raise ValueError(f"depth_to_space: {pc} channels are not divisible by {p}*{p}")
+    x = x.reshape(b, h, w, p, p, pc // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * p, w * p, pc // (p * p))
+
+
 def group_norm_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
     """Number of GroupNorm groups for `channels` feature maps.
 

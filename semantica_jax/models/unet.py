@@ -1,7 +1,8 @@
 """U-ViT-style pixel-space UNet denoiser, conditioned on frozen-encoder tokens by cross-attention.
 
-Layout (level i works at resolution H / 2**i with `channels[i]` feature maps):
+Layout (level i works at resolution H / (patch_size * 2**i) with `channels[i]` feature maps):
 
+  (patch_size > 1: space-to-depth, every p x p pixel block -> p*p*C channels)
   conv_in 3x3
   down_{i}: num_res_blocks x [down_{i}_res_{j} (ResBlock), down_{i}_attn_{j} (TransformerBlock,
             only if the level's resolution <= attn_resolution)], skips kept;
@@ -10,6 +11,7 @@ Layout (level i works at resolution H / 2**i with `channels[i]` feature maps):
   up_{i}: (num_res_blocks + 1) x [concat skip, up_{i}_res_{j}, up_{i}_attn_{j} (if attention)];
           up_{i}_upsample (nearest x2 + 3x3 conv) between levels
   out_norm (GroupNorm) -> swish -> conv_out 3x3, ZERO-initialised (untrained output == 0)
+  (patch_size > 1: conv_out gives p*p*out_channels maps, depth-to-space back to H x W)
 
 Conditioning:
   * time: sinusoidal features of logsnr -> time_dense1 -> swish -> time_dense2 (width
@@ -130,6 +132,9 @@ class UNet(nn.Module):
         nothing, 'dots_saveable' / 'dots_with_no_batch_dims_saveable' keep matmul outputs).
       conv_impl: how convolutions are computed (`layers.CONV_IMPLS`: 'xla' convolutions or
         'matmul' im2col GEMMs); the parameters are the same either way.
+      patch_size: p > 1 folds every p x p pixel block into channels before conv_in and unfolds
+        conv_out's p*p*out_channels maps back (a patchified stem): level 0 runs at H / p, so
+        the full-resolution feature maps, their norms and activations are never formed.
     """
 
     channels: tuple[int, ...]
@@ -146,6 +151,7 @@ class UNet(nn.Module):
     remat: bool = False
     remat_policy: str = "full"
     conv_impl: str = "xla"
+    patch_size: int = 1
 
     @property
     def resolved_cond_dim(self) -> int:
@@ -156,11 +162,15 @@ class UNet(nn.Module):
         num_levels = len(self.channels)
         if num_levels == 0:
             raise ValueError("UNet: model.channels is empty")
+        p = self.patch_size
+        if p < 1 or resolution % p:
+            raise ValueError(f"UNet: input resolution {resolution} is not divisible by model.patch_size={p}")
+        resolution //= p
         factor = 2 ** (num_levels - 1)
         if resolution % factor:
             raise ValueError(
-                f"UNet: input resolution {resolution} is not divisible by {factor} = "
-                f"2**(len(model.channels) - 1) for model.channels={tuple(self.channels)}"
+                f"UNet: input resolution {resolution * p} / model.patch_size={p} is not divisible "
+                f"by {factor} = 2**(len(model.channels) - 1) for model.channels={tuple(self.channels)}"
             )
         levels = tuple(resolution // 2**i for i in range(num_levels))
         if levels[-1] > self.attn_resolution:
@@ -302,6 +312,9 @@ class UNet(nn.Module):
         def attn_block(name: str) -> TransformerBlock:
             return attn_cls(self.num_heads, mlp_ratio=self.mlp_ratio, dtype=dtype, name=name)
 
+        p = self.patch_size
+        if p > 1:
+            x = layers.space_to_depth(x, p)
         h = layers.conv(
             self.channels[0], 3, in_name="channels", dtype=dtype, impl=self.conv_impl, name="conv_in"
         )(x.astype(dtype))
@@ -339,7 +352,7 @@ class UNet(nn.Module):
 
         h = nn.swish(layers.group_norm(h.shape[-1], dtype=dtype, name="out_norm")(h))
         out = layers.conv(
-            self.out_channels,
+            self.out_channels * p * p,
             3,
             out_name="channels",
             dtype=dtype,
@@ -347,6 +360,8 @@ class UNet(nn.Module):
             impl=self.conv_impl,
             name="conv_out",
         )(h)
+        if p > 1:
+            out = layers.depth_to_space(out, p)
         return out.astype(jnp.float32)
 
 
@@ -398,4 +413,5 @@ def unet_from_config(model_config: Any, platform: str | None = None) -> UNet:
         remat=bool(model_config.remat),
         remat_policy=str(model_config.remat_policy),
         conv_impl=resolve_conv_impl(str(model_config.get("conv_impl", "xla")), platform),
+        patch_size=int(model_config.get("patch_size", 1)),
     )
