@@ -335,6 +335,7 @@ def test_gpu_hosts_give_a_hybrid_mesh():
 def test_aot_compile_reports_a_step_that_does_not_fit():
     config = _load("experiments/semantica_tiny.py", "semantica_tiny").get_config()
     config.batch_size, config.model.channels = 65536, (16,)  # 16k examples of 16 px per chip
+    config.model.patch_size = 1  # full-resolution feature maps
     config.data.image_size, config.encoder.image_size, config.model.attn_resolution = 16, 14, 16
     report = compile_for.compile_report(config, compile_for.target_for("v5e-4"))
     assert not report.fits and report.peak_bytes is None
@@ -352,6 +353,7 @@ def test_aot_compile_tiny_config_for_tpu(tmp_path):
          "--markdown",
          # Compile time tracks model size per device: one UNet level, 16 px, one example per chip.
          "--config.batch_size=16", "--config.model.channels=(16,)", "--config.data.image_size=16",
+         "--config.model.patch_size=1",
          "--config.encoder.image_size=14", "--config.model.attn_resolution=16"],
         capture_output=True, text=True, cwd=REPO, timeout=600,
         env={**os.environ, "XLA_FLAGS": ""},
