@@ -25,6 +25,16 @@ Variants (`experiments/semantica_base.py:key=value,...`):
 What it should show: loss decreasing, and samples (grids in TensorBoard) that are diverse variations
 keeping the condition's semantics; reconstruction pairing (`--config.data.pairing=reconstruction`)
 should give near-copies instead.
+What the tiny recipe's ablation (docs/RECIPE.md) changes here, and why not more:
+  kept: v-prediction with the v-loss, AdamW with a constant learning rate after warm-up (the
+        cosine decay and the x / sigmoid loss weightings did not help there), patch tokens +
+        CLS cross-attended and the pooled vector in the time embedding (pooled-only was worse);
+  not carried: diffusion.tie_channels (web images are RGB), data.target_fit='pad' (photos
+        are larger than the target; 'pad' only leaves images no larger than it unresampled),
+        the plain schedule (the +2 log 2 per doubling shift was not ablated alone, and above
+        32 px it is the literature's choice), model.patch_size=2 (measured at 32 px on CPU,
+        where the 16-channel full-resolution maps dominated the step; the S ladder's 128+
+        channels on TPU/GPU are not limited that way: `--config.model.patch_size=2` to try).
 """
 from semantica_jax import config_lib
 
