@@ -169,8 +169,10 @@ class UNet(nn.Module):
         factor = 2 ** (num_levels - 1)
         if resolution % factor:
             raise ValueError(
-                f"UNet: input resolution {resolution * p} / model.patch_size={p} is not divisible "
-                f"by {factor} = 2**(len(model.channels) - 1) for model.channels={tuple(self.channels)}"
+                f"UNet: input resolution {resolution * p}"
+                + (f" / model.patch_size={p} = {resolution}" if p > 1 else "")
+                + f" is not divisible by {factor} = 2**(len(model.channels) - 1) for "
+                f"model.channels={tuple(self.channels)}"
             )
         levels = tuple(resolution // 2**i for i in range(num_levels))
         if levels[-1] > self.attn_resolution:
