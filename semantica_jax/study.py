@@ -280,10 +280,16 @@ def _scale_key(g: float) -> str:
 
 
 # ============================================================================ running
-def _subprocess_env(cpu_devices: int | None) -> dict:
+def _subprocess_env(cpu_devices: int | None, compile_cache: str = "") -> dict:
     """The runs' environment: this one + the repo on PYTHONPATH + a fake CPU device count
-    (None: 2 unless XLA_FLAGS already sets one; N > 0: exactly N; 0: XLA_FLAGS as it is)."""
+    (None: 2 unless XLA_FLAGS already sets one; N > 0: exactly N; 0: XLA_FLAGS as it is) + JAX's
+    persistent compilation cache in `compile_cache` (shared by every run: arms whose programs
+    are the same, e.g. pairs vs reconstruction, compile them once; '' = none, unless the
+    environment already names one)."""
     env = dict(os.environ)
+    if compile_cache and "JAX_COMPILATION_CACHE_DIR" not in env:
+        os.makedirs(compile_cache, exist_ok=True)
+        env["JAX_COMPILATION_CACHE_DIR"] = compile_cache
     env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     flags = env.get("XLA_FLAGS", "")
@@ -483,8 +489,9 @@ def _eval_worker(request_path: str) -> int:
 
 def run_study(study: dict, out: str, *, only: list[str] | None = None, seeds: list[int] | None = None,
               cli_overrides: dict | None = None, python: str = sys.executable, cpu_devices: int | None = None,
-              dry_run: bool = False) -> dict[str, dict]:
-    """Runs (or skips) every selected arm x seed; returns {'arm/seedK': status}."""
+              dry_run: bool = False, compile_cache: str | None = None) -> dict[str, dict]:
+    """Runs (or skips) every selected arm x seed; returns {'arm/seedK': status}. `compile_cache`:
+    the runs' shared JAX compilation cache (None: `<out>/jax_cache`; '': none)."""
     cli = dict(cli_overrides or {})
     names = [a["name"] for a in study["arms"]]
     for n in only or []:
@@ -495,7 +502,9 @@ def run_study(study: dict, out: str, *, only: list[str] | None = None, seeds: li
     # Validate every arm's config and overrides before the first (long) run starts.
     for a, s in todo:
         load_arm_config(a, arm_overrides(study, a, s, cli))
-    env = _subprocess_env(cpu_devices)
+    if compile_cache is None:
+        compile_cache = "" if dry_run else os.path.join(out, "jax_cache")
+    env = _subprocess_env(cpu_devices, compile_cache)
     statuses = {}
     for a, s in todo:
         statuses[f"{a['name']}/seed{s}"] = run_arm_seed(study, a, s, out, cli, python=python, env=env,
@@ -1206,6 +1215,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fake CPU devices for the runs (default: 2 unless XLA_FLAGS sets a count; "
                              "0 = leave XLA_FLAGS as it is)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the subprocesses")
+    parser.add_argument("--compile_cache", default=None,
+                        help="JAX compilation cache shared by the runs (default <out>/jax_cache; '' = none)")
     args = parser.parse_args(argv)
     try:
         study = load_study(args.study)
@@ -1221,7 +1232,8 @@ def main(argv: list[str] | None = None) -> int:
         failed = []
         if not args.report_only:
             statuses = run_study(study, out, only=only, seeds=seeds, cli_overrides=cli, python=args.python,
-                                 cpu_devices=args.cpu_devices, dry_run=args.dry_run)
+                                 cpu_devices=args.cpu_devices, dry_run=args.dry_run,
+                                 compile_cache=args.compile_cache)
             failed = [k for k, v in statuses.items() if v.get("state") not in ("done", None)]
             if args.dry_run:
                 return 0

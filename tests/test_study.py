@@ -189,3 +189,13 @@ def test_study_files_load_and_reject_bad_references(tmp_path):
         study_lib.load_study(str(bad))
     with pytest.raises(study_lib.StudyError, match="key=value"):
         study_lib.parse_override("novalue")
+
+
+def test_runs_share_a_compilation_cache_unless_one_is_set(tmp_path, monkeypatch):
+    cache = str(tmp_path / "jax_cache")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    env = study_lib._subprocess_env(2, cache)
+    assert env["JAX_COMPILATION_CACHE_DIR"] == cache and os.path.isdir(cache)
+    assert "JAX_COMPILATION_CACHE_DIR" not in study_lib._subprocess_env(2, "")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    assert study_lib._subprocess_env(2, cache)["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "mine")
