@@ -36,7 +36,14 @@ CONFIG = os.path.join(REPO, "experiments", "semantica_tiny.py")
 # default moved on).
 BASE = ("diffusion.tie_channels=False", "train.num_steps=1300", "model.patch_size=1",
         "model.channels=(16,32,64)", "train.eval_every=250", "train.sample_every=800")
-# name: (variant, config overrides on top of BASE, what the row changes)
+
+
+class OnDefault(tuple):
+    """A row's overrides applied to the default config itself (not on top of BASE)."""
+
+
+# name: (variant, config overrides on top of BASE (or OnDefault: on top of the default), what
+# the row changes)
 ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "default": ("", None, "the default of experiments/semantica_tiny.py (base + tie_channels + patch2, "
                           "3,600 steps)"),
@@ -68,14 +75,23 @@ ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "eps_loss": ("", ("diffusion.loss_weighting=eps",), "eps-MSE loss weighting"),
     "sigmoid_loss": ("", ("diffusion.loss_weighting=sigmoid",), "sigmoid loss weighting (bias -3)"),
     "x_loss": ("", ("diffusion.loss_weighting=x",), "x-space L2 (the paper's loss)"),
+    # Rows on the default recipe (3,600 steps, tie_channels, patch2).
+    "default_steps2x": ("", OnDefault(("train.num_steps=7200",)), "the default at twice the steps (7,200)"),
+    "default_lr2e-3": ("", OnDefault(("optimizer.learning_rate=2e-3",)), "the default at learning rate 2e-3"),
+    "default_ema0.999": ("", OnDefault(("optimizer.ema_decay=0.999",)), "the default with EMA decay 0.999"),
+    "default_drop0.2": ("", OnDefault(("diffusion.cond_drop_prob=0.2",)),
+                        "the default with the condition dropped with p 0.2"),
 }
 
 
 def row_overrides(name: str) -> tuple[str, ...]:
-    """BASE merged with the row's overrides (the row's value wins); `default` has none."""
+    """BASE merged with the row's overrides (the row's value wins); `default` has none, and
+    OnDefault rows only their own."""
     extra = ROWS[name][1]
     if extra is None:
         return ()
+    if isinstance(extra, OnDefault):
+        return tuple(extra)
     merged = dict(o.split("=", 1) for o in BASE)
     merged.update(o.split("=", 1) for o in extra)
     return tuple(f"{k}={v}" for k, v in merged.items())

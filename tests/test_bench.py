@@ -49,6 +49,7 @@ def test_recipe_ablation_rows_and_table():
     steps = dict(o.split("=", 1) for o in ra.row_overrides("steps2x"))
     assert steps["train.num_steps"] == "2600" and steps["diffusion.tie_channels"] == "False"
     assert dict(o.split("=", 1) for o in ra.row_overrides("base")) == dict(o.split("=", 1) for o in ra.BASE)
+    assert ra.row_overrides("default_lr2e-3") == ("optimizer.learning_rate=2e-3",)  # on the default, not BASE
 
     def numbers(cc, worst):
         return {"class_consistency_judge": cc, "fd": 1.0, "pixel_diversity": 0.5, "pixel_diversity_real": 0.6,
