@@ -64,3 +64,26 @@ def test_recipe_ablation_rows_and_table():
     line = ra.table({"base": {"0": row, "1": ra.summarise(result, 120.0)}}).splitlines()[-1]
     assert line.startswith("| base |") and "| 2 | 0.50 ± 0.00 | 0.60 ± 0.00 | – | Shirt 0.10 |" in line
     assert line.endswith("1.5 min |")
+
+
+def test_condition_probe_scores_held_out_images():
+    """The conditioning probe reads the class off separable features and reports per-class accuracy
+    and the mean probability of the true class on the held-out set."""
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import condition_probe
+
+    rng = np.random.RandomState(0)
+    centres = rng.normal(size=(3, 8)) * 4
+
+    def draw(n):
+        y = np.arange(n) % 3
+        return centres[y] + rng.normal(size=(n, 8)), y
+
+    r = condition_probe.probe(draw(300), draw(90), steps=200)
+    assert r["accuracy"] > 0.95 and r["mean_p_true"] > 0.9
+    assert set(r["per_class"]) == {0, 1, 2}
+    noise = condition_probe.probe((rng.normal(size=(300, 8)), np.arange(300) % 3),
+                                  (rng.normal(size=(90, 8)), np.arange(90) % 3), steps=200)
+    assert noise["mean_p_true"] < 0.5  # no class in the features: the posterior stays near 1/3
