@@ -37,6 +37,7 @@ What the tiny recipe's ablation (docs/RECIPE.md) changes here, and why not more:
         channels on TPU/GPU are not limited that way: `--config.model.patch_size=2` to try).
 """
 from semantica_jax import config_lib
+from semantica_jax.models import unet
 
 _VARIANT_KEYS = {"size", "encoder", "res", "fsdp", "runlocal"}
 
@@ -48,14 +49,14 @@ def get_config(arg=None):
     c.batch_size = 256
     c.data.image_size = int(v.get("res", 64))
     c.model.size = str(v.get("size", "S"))
-    if c.model.size not in config_lib.UNET_SIZES:
-        raise ValueError(f"semantica_base: size={c.model.size!r}; expected one of {sorted(config_lib.UNET_SIZES)}")
+    if c.model.size not in unet.SIZES:
+        raise ValueError(f"semantica_base: size={c.model.size!r}; expected one of {sorted(unet.SIZES)}")
     c.encoder.size = str(v.get("encoder", "B"))
     if c.encoder.size not in config_lib.VIT_SIZES:
         raise ValueError(f"semantica_base: encoder={c.encoder.size!r}; expected one of {sorted(config_lib.VIT_SIZES)}")
     # Higher resolutions get extra full-resolution levels in front of the ladder, so the
     # lowest level stays at or below model.attn_resolution (where the transformer blocks are).
-    channels = list(config_lib.UNET_SIZES[c.model.size]["channels"])
+    channels = list(unet.SIZES[c.model.size]["channels"])
     while c.data.image_size // 2 ** (len(channels) - 1) > c.model.attn_resolution:
         channels.insert(0, channels[0])
     c.model.channels = tuple(channels)

@@ -15,18 +15,6 @@ from typing import Any
 
 import ml_collections
 
-# Denoiser ladder: channels per resolution level (level 0 = the image resolution, each next level
-# halves it), ResBlocks per level, attention heads. Levels at or below `model.attn_resolution`
-# also get transformer blocks (self-attn + cross-attn + MLP). Heads must divide the channels of
-# every attention level. Sizes at 64 px: tiny 0.98 M params (at 32 px), S 85 M, L 639 M.
-UNET_SIZES = {
-    # name: (channels per level, blocks per level, transformer width, heads)
-    "tiny": dict(channels=(16, 32, 64), num_res_blocks=1, num_heads=2),
-    "S": dict(channels=(128, 256, 512), num_res_blocks=2, num_heads=8),
-    "B": dict(channels=(128, 256, 512, 768), num_res_blocks=2, num_heads=8),
-    "L": dict(channels=(256, 512, 768, 1024), num_res_blocks=3, num_heads=16),
-}
-
 # Encoder ladder (ViT widths/depths shared by the families: DINOv2 S/B/L/g use patch 14, CLIP
 # B/16, B/32, L/14 are sizes B, B, L with patch 16, 32, 14; SigLIP So400m/14). `g` uses the
 # SwiGLU FFN as DINOv2-g does. `config.encoder.width/depth/num_heads/mlp_dim/ffn` override a size.
@@ -139,7 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- denoiser
     c.model = ml_collections.ConfigDict()
-    c.model.size = "S"  # key of UNET_SIZES; explicit fields below override when set
+    c.model.size = "S"  # key of models.unet.SIZES; explicit fields below override when set
     c.model.channels = ()  # () = from size
     c.model.num_res_blocks = -1  # -1 = from size
     c.model.num_heads = -1  # -1 = from size

@@ -1,4 +1,4 @@
-"""Device mesh (ICI x DCN), logical-axis rules, global batches and rematerialisation policies.
+"""Device mesh (ICI x DCN), logical-axis rules and global batches.
 
 The mesh always has three named axes ('data', 'fsdp', 'model'). Their sizes come from
 `config.mesh` in two factors:
@@ -35,15 +35,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 DCN_FIELDS = tuple(f"dcn_{a}" for a in MESH_AXES)
-
-# config.model.remat_policy -> what a rematerialised block may keep for the backward pass
-# (None = nothing: everything inside the block is recomputed).
-REMAT_POLICIES = {
-    "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
 
 # ============================================================================ mesh shapes
 @dataclasses.dataclass(frozen=True)
@@ -260,10 +251,3 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict
         for k, v in local_batch.items()
     }
 
-
-# ============================================================================ rematerialisation
-def remat_policy(name: str) -> Any:
-    """`jax.checkpoint` policy for `config.model.remat_policy` (see REMAT_POLICIES)."""
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"config.model.remat_policy={name!r}; expected one of {sorted(REMAT_POLICIES)}")
-    return REMAT_POLICIES[name]

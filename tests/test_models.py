@@ -476,7 +476,7 @@ def test_unet_token_count_must_match_init(unet_model, unet_inputs):
 def test_unet_from_config_overrides():
     c = config_lib.default_config().model
     model = unet.unet_from_config(c)
-    s = config_lib.UNET_SIZES["S"]
+    s = unet.SIZES["S"]
     assert (model.channels, model.num_res_blocks, model.num_heads) == (
         s["channels"], s["num_res_blocks"], s["num_heads"],
     )

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from semantica_jax import config_lib, distributed, sharding, train
-from semantica_jax.models import unet
+from semantica_jax.models import layers, unet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.path.join(REPO, "tests", "golden")
@@ -218,7 +218,7 @@ def test_remat_policy_option():
         return jax.make_jaxpr(jax.grad(loss))(params).jaxpr
 
     assert _checkpoint_policies(grad_jaxpr(model)) == []
-    for name, policy in sharding.REMAT_POLICIES.items():
+    for name, policy in layers.REMAT_POLICIES.items():
         # One rematerialised block per transformer block (down, mid, 2x up), with the policy.
         policies = _checkpoint_policies(grad_jaxpr(model.clone(remat=True, remat_policy=name)))
         assert len(policies) >= 4 and all(p is policy for p in policies), name

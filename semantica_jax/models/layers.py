@@ -24,6 +24,21 @@ AxisNames = tuple[str | None, ...]
 
 PARAM_DTYPE = jnp.float32
 
+# config.model.remat_policy -> what a rematerialised block may keep for the backward pass
+# (None = nothing: everything inside the block is recomputed).
+REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(name: str) -> Any:
+    """`jax.checkpoint` policy for `config.model.remat_policy` (see REMAT_POLICIES)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"config.model.remat_policy={name!r}; expected one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
 # Logical names of activations at block boundaries.
 IMAGE_AXES: AxisNames = ("batch", "height", "width", "channels")
 TOKEN_AXES: AxisNames = ("batch", "length", "embed")

@@ -36,8 +36,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from semantica_jax import config_lib, sharding
 from semantica_jax.models import layers
+
+# Denoiser ladder: channels per resolution level (level 0 = the image resolution, each next level
+# halves it), ResBlocks per level, attention heads. Levels at or below `model.attn_resolution`
+# also get transformer blocks (self-attn + cross-attn + MLP). Heads must divide the channels of
+# every attention level. Sizes at 64 px: tiny 0.98 M params (at 32 px), S 85 M, L 639 M.
+SIZES = {
+    # name: (channels per level, blocks per level, transformer width, heads)
+    "tiny": dict(channels=(16, 32, 64), num_res_blocks=1, num_heads=2),
+    "S": dict(channels=(128, 256, 512), num_res_blocks=2, num_heads=8),
+    "B": dict(channels=(128, 256, 512, 768), num_res_blocks=2, num_heads=8),
+    "L": dict(channels=(256, 512, 768, 1024), num_res_blocks=3, num_heads=16),
+}
 
 # Angular frequencies of the logsnr features, log-spaced in [MIN, MAX]. With logsnr in
 # [-15, 15] the lowest frequency stays below a quarter turn (monotone, unambiguous features) and
@@ -128,7 +139,7 @@ class UNet(nn.Module):
       dtype: compute dtype; params stay float32; the prediction is returned in float32.
       out_channels: channels of the prediction.
       remat: rematerialise TransformerBlocks in the backward pass.
-      remat_policy: what a rematerialised block keeps (`sharding.REMAT_POLICIES`: 'full' keeps
+      remat_policy: what a rematerialised block keeps (`layers.REMAT_POLICIES`: 'full' keeps
         nothing, 'dots_saveable' / 'dots_with_no_batch_dims_saveable' keep matmul outputs).
       conv_impl: how convolutions are computed (`layers.CONV_IMPLS`: 'xla' convolutions or
         'matmul' im2col GEMMs); the parameters are the same either way.
@@ -306,7 +317,7 @@ class UNet(nn.Module):
         # ------------------------------------------------------------ UNet
         attn_cls = TransformerBlock
         if self.remat:
-            attn_cls = nn.remat(TransformerBlock, policy=sharding.remat_policy(self.remat_policy))
+            attn_cls = nn.remat(TransformerBlock, policy=layers.remat_policy(self.remat_policy))
 
         def res_block(c: int, name: str) -> ResBlock:
             return ResBlock(c, dropout=self.dropout, dtype=dtype, conv_impl=self.conv_impl, name=name)
@@ -383,24 +394,24 @@ def resolve_conv_impl(conv_impl: str, platform: str | None = None) -> str:
 def unet_from_config(model_config: Any, platform: str | None = None) -> UNet:
     """Builds the UNet from `config.model`.
 
-    `model.size` picks a `config_lib.UNET_SIZES` entry; `model.channels` (non-empty),
+    `model.size` picks a `SIZES` entry; `model.channels` (non-empty),
     `model.num_res_blocks` (!= -1) and `model.num_heads` (!= -1) override it.
     `model.remat_policy` is checked even when `model.remat` is off. `platform` (the mesh's
     device platform, e.g. 'cpu' / 'tpu') resolves `model.conv_impl='auto'`; None = JAX's
     default backend.
     """
     size = model_config.size
-    if size not in config_lib.UNET_SIZES:
+    if size not in SIZES:
         raise ValueError(
-            f"model.size={size!r} is not a UNet size; choose one of {sorted(config_lib.UNET_SIZES)}"
+            f"model.size={size!r} is not a UNet size; choose one of {sorted(SIZES)}"
         )
-    ladder = config_lib.UNET_SIZES[size]
+    ladder = SIZES[size]
     channels = tuple(int(c) for c in model_config.channels) or tuple(ladder["channels"])
     num_res_blocks = int(model_config.num_res_blocks)
     num_heads = int(model_config.num_heads)
     if any(c <= 0 for c in channels):
         raise ValueError(f"model.channels must be positive, got {channels}")
-    sharding.remat_policy(model_config.remat_policy)
+    layers.remat_policy(model_config.remat_policy)
     return UNet(
         channels=channels,
         num_res_blocks=ladder["num_res_blocks"] if num_res_blocks == -1 else num_res_blocks,
