@@ -14,9 +14,12 @@ Config overrides: `--config.optimizer.learning_rate=3e-4`; an unknown key fails 
 Run it again with the same workdir to resume from the latest checkpoint (and the exact position of
 the pair stream). SIGTERM checkpoints the current step and exits 0. Bad configs, sizes and missing
 files end with one line `semantica: error: ...` and exit code 2, before anything is compiled.
+Library INFO logs (Orbax, absl, TensorStore) are hidden unless `--verbosity=1`; the project's
+lines and clu's progress reports (steps/s, ETA, metrics) always show.
 """
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
@@ -37,10 +40,29 @@ _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export: output directory 
 _EXPORT_RAW = flags.DEFINE_bool("export_raw", False, "export: also write the raw (non-EMA) params.")
 flags.mark_flags_as_required(["workdir"])
 
+# Whose INFO lines the terminal shows at the default verbosity: the project's own, and clu's
+# (progress, steps/s, ETA, metrics). Other libraries (Orbax's save internals, absl, TensorStore)
+# log at WARNING and above unless `--verbosity=1` (or higher) asks for everything.
+_INFO_SOURCES = tuple(os.sep + p + os.sep for p in ("semantica_jax", "data_pipeline", "clu"))
+
+
+class _LibraryInfoFilter:
+    """Drops library records below WARNING (a `logging` filter for absl's handler)."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= std_logging.WARNING or any(s in record.pathname for s in _INFO_SOURCES)
+
+
+def quiet_library_logs() -> None:
+    """Unless --verbosity >= 1: only the project's and clu's INFO lines reach the terminal."""
+    if flags.FLAGS.verbosity < 1:
+        logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    quiet_library_logs()
     from semantica_jax import distributed
 
     distributed.maybe_initialize()  # multi-host only; must precede every other JAX call
