@@ -78,9 +78,9 @@ def make_inputs(root: str, num_pages: int, per_page: int, unique: int) -> tuple[
 
 
 def bench_builder(manifest: str, out_dir: str, beam_args: list[str]) -> dict:
-    from data_pipeline import build_pages
+    from data_pipeline import build_pages, sources
 
-    spec = build_pages.SplitSpec(build_pages.manifest_source(manifest), "train", 4)
+    spec = build_pages.SplitSpec(sources.manifest_source(manifest), "train", 4)
     t0 = time.perf_counter()
     stats = build_pages.run_build([spec], out_dir, pipeline_args=beam_args, progress_seconds=0)
     seconds = time.perf_counter() - t0

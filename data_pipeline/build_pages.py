@@ -11,7 +11,6 @@ the standard Beam options, passed through unchanged (docs/DATA.md has the comman
       --images_per_page=5 --out_dir=OUT --num_shards=64
   python -m data_pipeline.build_pages --source=tfds --input=~/tensorflow_datasets/cifar10/3.0.2 \
       --split=train --out_dir=OUT --num_shards=8 --min_side=0
-  python -m data_pipeline.build_pages --source=fashion_mnist --out_dir=OUT --num_shards=8
 
 Sources
   manifest     JSONL (one JSON object a line) or Parquet (``.parquet``), one page per row:
@@ -27,13 +26,12 @@ Sources
                (page_id = its path relative to the root); ``X.txt`` next to image ``X`` is its
                alt text, ``page_url.txt`` the page URL; other files are candidate images.
   imagefolder  label-grouped: ``root/<class>/**/<image>``, classes sorted by name -> label ids;
-  fashion_mnist the embedded IDX files (``data_pipeline.fashion_mnist``);
   tfds         a TFDS builder directory already on disk (``tfds.builder_from_directory``), its
                first Image feature and first ClassLabel feature (or ``--image_key/--label_key``).
                Label-grouped sources cut each class's images (seeded shuffle) into pages of
                ``--images_per_page``; a last page keeps >= 2 leftovers, a single leftover is
                counted in ``unused_images``. Their page lists are made by the launcher (cheap
-               references: paths, indices; tfds/fashion_mnist carry the encoded bytes/arrays),
+               references: paths, indices; tfds carries the encoded bytes),
                so for very large label-grouped sources write a manifest instead.
 
 Per image (`data_pipeline.image_rules`): guarded read, decompression-bomb check before decoding,
@@ -78,255 +76,20 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from data_pipeline import image_rules, records
+from data_pipeline import image_rules, records, shard_format
+from data_pipeline.sources import (Source, dirtree_source, imagefolder_source, manifest_source,
+                                   parse_manifest_row, tfds_source)
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("manifest", "dirtree", "imagefolder", "fashion_mnist", "tfds")
+SOURCES = ("manifest", "dirtree", "imagefolder", "tfds")
 PAGE_DROP_REASONS = ("too_few_images", "bad_manifest_row", "duplicate_page_id")
-SHARD_SUFFIX = ".tfrecord"
 _STATS_TAG = "stats"
-_SIDECAR_SUFFIXES = (".txt", ".json")
 _METRICS_NAMESPACE = "build_pages"
-
-
-def shard_filename(prefix: str, index: int, num_shards: int) -> str:
-    """``{prefix}-{index:05d}-of-{num_shards:05d}.tfrecord`` (same as data_pipeline.shards)."""
-    return f"{prefix}-{index:05d}-of-{num_shards:05d}{SHARD_SUFFIX}"
-
-
-def stats_filename(prefix: str) -> str:
-    return f"{prefix}-stats.json"
 
 
 def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") >> 1
-
-
-# =========================================================================== sources
-
-
-@dataclasses.dataclass
-class Source:
-    """Where one split's raw pages come from.
-
-    Exactly one of `pages` (a list of page dicts made by the launcher: label-grouped sources,
-    dirtree) or `manifest` (a JSONL/Parquet file pattern read by the workers) is set. A raw page
-    dict has ``page_id``, ``page_url``, ``images`` (refs: paths, bytes or uint8 arrays),
-    ``alt_texts`` (list or None), ``label`` (int or None), ``order_key`` (int, the sort key
-    inside its shard) and ``shard`` (int or None = hash of page_id).
-    """
-
-    kind: str
-    pages: list[dict[str, Any]] | None = None
-    manifest: str | None = None
-    info: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Resolves image refs that are neither paths, bytes nor arrays (e.g. an int index into a
-    # dataset file) inside the workers, so the pipeline graph carries only small references.
-    loader: Callable[[Any], Any] | None = None
-
-
-def label_grouped_pages(
-    refs: Sequence[Any],
-    labels: Sequence[int] | np.ndarray,
-    *,
-    id_prefix: str,
-    images_per_page: int,
-    seed: int = 0,
-    split_key: int = 0,
-    num_classes: int | None = None,
-    classes: Sequence[int] | None = None,
-) -> tuple[list[dict[str, Any]], int]:
-    """Cuts each class's images (seeded shuffle, keyed by (seed, split_key, class)) into pages
-    of `images_per_page`; returns (pages in a seeded order, unused leftover images).
-
-    Page ids are ``{id_prefix}-c{label}-{n:06d}``; ``shard`` is set later (position mod N).
-    """
-    if images_per_page < 2:
-        raise ValueError(f"images_per_page must be >= 2 (pages need pairs), got {images_per_page}")
-    labels = np.asarray(labels, dtype=np.int64)
-    if len(labels) != len(refs):
-        raise ValueError(f"{len(refs)} images but {len(labels)} labels")
-    present = sorted(int(c) for c in np.unique(labels))
-    num_classes = num_classes if num_classes is not None else (present[-1] + 1 if present else 0)
-    wanted = present if classes is None else sorted(set(int(c) for c in classes))
-    pages: list[dict[str, Any]] = []
-    unused = 0
-    for c in wanted:
-        rng = np.random.default_rng([seed, split_key, c])
-        members = rng.permutation(np.flatnonzero(labels == c))
-        for p, start in enumerate(range(0, len(members), images_per_page)):
-            chunk = members[start : start + images_per_page]
-            if len(chunk) < 2:
-                unused += len(chunk)
-                continue
-            pages.append(
-                {
-                    "page_id": f"{id_prefix}-c{c}-{p:06d}",
-                    "page_url": "",
-                    "images": [refs[i] for i in chunk],
-                    "alt_texts": None,
-                    "label": int(c),
-                }
-            )
-    order = np.random.default_rng([seed, split_key, num_classes]).permutation(len(pages))
-    return [pages[i] for i in order], unused
-
-
-def _listdir(root: str) -> Iterable[tuple[str, list[str]]]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        yield dirpath, sorted(f for f in filenames if not f.startswith("."))
-
-
-def dirtree_source(root: str) -> Source:
-    """One page per directory that directly holds files (module docstring)."""
-    root = os.path.expanduser(root)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"--input={root!r}: no such directory")
-    pages = []
-    for dirpath, files in _listdir(root):
-        images = [f for f in files if not f.endswith(_SIDECAR_SUFFIXES)]
-        if not images:
-            continue
-        rel = os.path.relpath(dirpath, root)
-        url = ""
-        if "page_url.txt" in files:
-            with open(os.path.join(dirpath, "page_url.txt")) as f:
-                url = f.read().strip()
-        alts = []
-        for name in images:
-            sidecar = os.path.join(dirpath, os.path.splitext(name)[0] + ".txt")
-            alts.append(open(sidecar).read().strip() if os.path.isfile(sidecar) else "")
-        pages.append(
-            {
-                "page_id": rel if rel != "." else os.path.basename(os.path.abspath(root)),
-                "page_url": url,
-                "images": [os.path.join(dirpath, f) for f in images],
-                "alt_texts": alts if any(alts) else None,
-                "label": None,
-            }
-        )
-    if not pages:
-        raise ValueError(f"--input={root!r}: no directory with files (one folder per page)")
-    return Source("dirtree", pages=pages, info={"root": os.path.abspath(root)})
-
-
-def imagefolder_source(
-    root: str, *, images_per_page: int, seed: int = 0, classes: Sequence[int] | None = None
-) -> Source:
-    """Label-grouped pages from ``root/<class>/**/<image>`` (classes sorted by name)."""
-    root = os.path.expanduser(root)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"--input={root!r}: no such directory")
-    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not names:
-        raise ValueError(f"--input={root!r}: no class sub-directories (ImageFolder layout)")
-    refs, labels = [], []
-    for label, name in enumerate(names):
-        for dirpath, files in _listdir(os.path.join(root, name)):
-            for f in files:
-                if not f.endswith(_SIDECAR_SUFFIXES):
-                    refs.append(os.path.join(dirpath, f))
-                    labels.append(label)
-    pages, unused = label_grouped_pages(
-        refs, labels, id_prefix="imagefolder", images_per_page=images_per_page, seed=seed,
-        num_classes=len(names), classes=classes,
-    )
-    return Source("imagefolder", pages=pages,
-                  info={"root": os.path.abspath(root), "label_names": names,
-                        "unused_images": unused})
-
-
-def tfds_source(
-    builder_dir: str,
-    *,
-    split: str,
-    images_per_page: int,
-    seed: int = 0,
-    image_key: str | None = None,
-    label_key: str | None = None,
-    classes: Sequence[int] | None = None,
-) -> Source:
-    """Label-grouped pages from a TFDS builder directory on disk (no download, no TF in workers:
-    the launcher reads the encoded images once)."""
-    import tensorflow_datasets as tfds  # launcher only
-
-    builder = tfds.builder_from_directory(os.path.expanduser(builder_dir))
-    feats = builder.info.features
-    if image_key is None:
-        image_key = next((k for k, f in feats.items() if isinstance(f, tfds.features.Image)), None)
-    if label_key is None:
-        label_key = next(
-            (k for k, f in feats.items() if isinstance(f, tfds.features.ClassLabel)), None
-        )
-    if image_key is None or label_key is None:
-        raise ValueError(
-            f"{builder_dir}: need an Image and a ClassLabel feature (found {list(feats)}); pass "
-            "--image_key/--label_key"
-        )
-    ds = builder.as_dataset(split=split, decoders={image_key: tfds.decode.SkipDecoding()},
-                            shuffle_files=False)
-    refs, labels = [], []
-    for ex in ds.as_numpy_iterator():
-        refs.append(bytes(ex[image_key]))
-        labels.append(int(ex[label_key]))
-    names = list(feats[label_key].names)
-    pages, unused = label_grouped_pages(
-        refs, labels, id_prefix=f"tfds-{builder.name}-{split}", images_per_page=images_per_page,
-        seed=seed, num_classes=len(names), classes=classes,
-    )
-    return Source("tfds", pages=pages,
-                  info={"builder_dir": os.path.abspath(os.path.expanduser(builder_dir)),
-                        "split": split, "image_key": image_key, "label_key": label_key,
-                        "label_names": names, "unused_images": unused})
-
-
-def manifest_source(pattern: str) -> Source:
-    """A JSONL / Parquet manifest pattern, checked up front (module docstring)."""
-    result = FileSystems.match([os.path.expanduser(pattern)])[0]
-    files = sorted(m.path for m in result.metadata_list)
-    if not files:
-        raise FileNotFoundError(f"manifest {pattern!r}: no file matches")
-    sizes = {m.path: m.size_in_bytes for m in result.metadata_list}
-    if all(sizes[f] == 0 for f in files):
-        raise ValueError(f"manifest {pattern!r} is empty ({', '.join(files[:5])}: 0 bytes, no pages)")
-    kinds = {"parquet" if f.endswith(".parquet") else "jsonl" for f in files}
-    if len(kinds) > 1:
-        raise ValueError(f"manifest {pattern!r} mixes Parquet and JSONL files")
-    return Source("manifest", manifest=os.path.expanduser(pattern),
-                  info={"pattern": pattern, "files": len(files), "format": kinds.pop(),
-                        "empty_files": [f for f in files if sizes[f] == 0]})
-
-
-def parse_manifest_row(row: Any, origin: str) -> dict[str, Any]:
-    """One manifest row -> raw page dict; raises ValueError (message names `origin`)."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{origin}: row is not a JSON object")
-    images = row.get("images", row.get("image_paths"))
-    if images is None or isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
-        raise ValueError(f"{origin}: 'images' must be a list of image paths")
-    images = [str(x) for x in images]
-    base = os.path.dirname(origin.split(":", 1)[0]) if "://" not in origin else ""
-    images = [p if "://" in p or os.path.isabs(p) or not base else os.path.join(base, p)
-              for p in images]
-    alts = row.get("alt_texts")
-    if alts is not None:
-        alts = ["" if a is None else str(a) for a in alts]
-        if len(alts) != len(images):
-            raise ValueError(f"{origin}: {len(alts)} alt_texts for {len(images)} images")
-    url = row.get("page_url") or ""
-    page_id = row.get("page_id") or ""
-    if not page_id:
-        page_id = "url-" + hashlib.sha1(url.encode()).hexdigest()[:20] if url else (
-            "row-" + hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:20])
-    label = row.get("label")
-    if label is not None:
-        if isinstance(label, bool) or int(label) != label or int(label) < 0:
-            raise ValueError(f"{origin}: label must be an int >= 0, got {label!r}")
-        label = int(label)
-    return {"page_id": str(page_id), "page_url": str(url), "images": images, "alt_texts": alts,
-            "label": label}
 
 
 # =========================================================================== Beam transforms
@@ -475,7 +238,7 @@ class _WriteShard(beam.DoFn):
     def process(self, item):
         shard, groups = item
         pages = sorted(groups["pages"], key=lambda kv: kv[0])
-        path = FileSystems.join(self.out_dir, shard_filename(self.prefix, shard, self.num_shards))
+        path = FileSystems.join(self.out_dir, shard_format.shard_filename(self.prefix, shard, self.num_shards))
         tmp = path + ".incomplete"
         with records.TFRecordWriter(tmp) as writer:
             for _, record in pages:
@@ -560,7 +323,7 @@ def _expand_split(p: beam.Pipeline, spec: SplitSpec, out_dir: str,
         | f"{label}/WriteShards" >> beam.ParDo(_WriteShard(out_dir, spec.prefix, spec.num_shards))
     )
     stats_parts.append(written)
-    partial = FileSystems.join(out_dir, stats_filename(spec.prefix) + ".partial")
+    partial = FileSystems.join(out_dir, shard_format.stats_filename(spec.prefix) + ".partial")
     _ = (
         tuple(stats_parts)
         | f"{label}/FlattenStats" >> beam.Flatten()
@@ -594,8 +357,8 @@ def _local_runner(options: PipelineOptions):
 
 
 def _remove_stale(out_dir: str, prefix: str, num_shards: int) -> None:
-    pattern = FileSystems.join(out_dir, f"{prefix}-*-of-*{SHARD_SUFFIX}*")
-    keep = {FileSystems.join(out_dir, shard_filename(prefix, i, num_shards))
+    pattern = shard_format.shard_pattern(out_dir, prefix) + "*"
+    keep = {FileSystems.join(out_dir, shard_format.shard_filename(prefix, i, num_shards))
             for i in range(num_shards)}
     stale = [m.path for m in FileSystems.match([pattern])[0].metadata_list if m.path not in keep]
     if stale:
@@ -619,7 +382,7 @@ def _structure_stats(flat: dict[str, int], spec: SplitSpec, out_dir: str, second
         "source_info": info,
         "out_dir": out_dir,
         "num_shards": n,
-        "files": [shard_filename(spec.prefix, i, n) for i in range(n)],
+        "files": [shard_format.shard_filename(spec.prefix, i, n) for i in range(n)],
         "pages": {
             "in": flat.get("pages_in", 0) + flat.get("page_drop/bad_manifest_row", 0)
             + flat.get("page_drop/duplicate_page_id", 0),
@@ -686,7 +449,7 @@ def run_build(
             flat = json.loads(f.read().decode("utf-8"))
         FileSystems.delete([partial])
         stats = _structure_stats(flat, s, out_dir, seconds, params)
-        _write_json_pretty(stats, FileSystems.join(out_dir, stats_filename(s.prefix)))
+        _write_json_pretty(stats, FileSystems.join(out_dir, shard_format.stats_filename(s.prefix)))
         out[s.prefix] = stats
     return out
 
@@ -718,13 +481,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--source", choices=SOURCES, required=True)
     parser.add_argument("--input", default="", help="manifest pattern / root directory / TFDS "
-                        "builder dir / fashion_mnist IDX dir (default: the Debian package's)")
+                        "builder dir")
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--num_shards", type=int, default=8,
                         help="a multiple of the number of training hosts")
     parser.add_argument("--prefix", default="train")
     parser.add_argument("--split", default="train",
-                        help="tfds split / fashion_mnist split ('train' or 'test')")
+                        help="tfds split")
     parser.add_argument("--images_per_page", type=int, default=5, help="label-grouped sources")
     parser.add_argument("--classes", type=_parse_ints, default=None,
                         help="label-grouped sources: comma-separated class ids to keep")
@@ -732,7 +495,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label_key", default=None, help="tfds: label feature")
     parser.add_argument("--seed", type=int, default=0)
     d = image_rules.ImageRules()
-    # Unset rules take ImageRules' defaults (fashion_mnist: its own, see fashion_mnist.IMAGE_RULES).
+    # Unset rules take ImageRules' defaults.
     parser.add_argument("--min_side", type=int, default=None, help=f"default {d.min_side}")
     parser.add_argument("--max_side", type=int, default=None, help=f"default {d.max_side}")
     parser.add_argument("--max_pixels", type=int, default=None, help=f"default {d.max_pixels}")
@@ -761,11 +524,7 @@ def make_source(args: argparse.Namespace) -> Source:
         return tfds_source(args.input, split=args.split, images_per_page=args.images_per_page,
                            seed=args.seed, image_key=args.image_key, label_key=args.label_key,
                            classes=args.classes)
-    from data_pipeline import fashion_mnist
-
-    return fashion_mnist.source(args.split, source_dir=args.input or None,
-                                images_per_page=args.images_per_page, seed=args.seed,
-                                classes=args.classes)
+    raise ValueError(f"--source={args.source!r}; expected one of {SOURCES}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -773,10 +532,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         rules = dataclasses.asdict(image_rules.ImageRules())
-        if args.source == "fashion_mnist":
-            from data_pipeline import fashion_mnist
-
-            rules.update(fashion_mnist.IMAGE_RULES)
         for key in rules:
             if getattr(args, key) is not None:
                 rules[key] = getattr(args, key)
@@ -802,9 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{stats['pages']['written']} pages / {stats['images']['written']} images written "
           f"into {stats['num_shards']} shards ({stats['bytes']['files'] / 1e6:.1f} MB) in "
           f"{stats['seconds']:.1f} s ({stats['images_per_second']} images/s); drops: {drops or 'none'}")
-    print(f"stats: {os.path.join(args.out_dir, stats_filename(args.prefix))}")
-    print(f"config.data.train_files={os.path.join(args.out_dir, args.prefix)}-*-of-"
-          f"{args.num_shards:05d}{SHARD_SUFFIX}")
+    print(f"stats: {os.path.join(args.out_dir, shard_format.stats_filename(args.prefix))}")
+    print(f"config.data.train_files={shard_format.shard_pattern(args.out_dir, args.prefix, args.num_shards)}")
     if not stats["pages"]["written"]:
         print("build_pages: error: no valid page was written (see the drops above)",
               file=sys.stderr)

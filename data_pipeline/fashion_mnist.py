@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline import shard_format, sources
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ APT_COMMAND = f"apt-get install -y {DEBIAN_PACKAGE}"
 # split name -> (IDX file stem, shard prefix)
 SPLITS = {"train": ("train", "train"), "test": ("t10k", "eval")}
 STATS_FILE = "stats.json"
-SHARD_SUFFIX = ".tfrecord"
 # 2: built by the Beam page builder (RGB PNG images, per-split {prefix}-stats.json).
 FORMAT_VERSION = 2
 
@@ -163,9 +163,7 @@ def label_grouped_pages(
     Returns (pages in a seeded random order, number of unused leftover images). Each page's
     ``images`` are the uint8 [28, 28] arrays.
     """
-    from data_pipeline import build_pages
-
-    return build_pages.label_grouped_pages(
+    return sources.label_grouped_pages(
         images, labels, id_prefix=f"fmnist-{split}", images_per_page=images_per_page, seed=seed,
         split_key=list(SPLITS).index(split), num_classes=NUM_CLASSES,
         classes=list(range(NUM_CLASSES)) if classes is None else classes,
@@ -180,9 +178,7 @@ def source(
     seed: int = 0,
     classes: Sequence[int] | None = None,
 ):
-    """The `build_pages.Source` of one split ('train' or 'test') for the Beam builder."""
-    from data_pipeline import build_pages
-
+    """The `sources.Source` of one split ('train' or 'test') for the Beam builder."""
     if split not in SPLITS:
         raise ValueError(f"Fashion-MNIST split must be one of {list(SPLITS)}, got {split!r}")
     source_dir = find_source_dir(source_dir)
@@ -193,7 +189,7 @@ def source(
                                         images_per_page=images_per_page, classes=classes, seed=seed)
     for page in pages:
         page["images"] = [int(i) for i in page["images"]]
-    return build_pages.Source(
+    return sources.Source(
         "fashion_mnist", pages=pages,
         info={"source_dir": source_dir, "split": split, "label_names": list(CLASS_NAMES),
               "unused_images": unused},
@@ -240,6 +236,7 @@ def build(
     Returns the stats.json content plus ``skipped`` (True when an identical build was found) and
     ``train_files`` / ``eval_files`` (glob patterns for config.data.*_files).
     """
+    # Beam (~1 s to import) is loaded only to build, not whenever a config reads CLASS_NAMES.
     from data_pipeline import build_pages, image_rules
 
     if classes is not None:
@@ -271,8 +268,8 @@ def build(
         },
     }
     patterns = {
-        "train_files": os.path.join(out_dir, f"{SPLITS['train'][1]}-*-of-*{SHARD_SUFFIX}"),
-        "eval_files": os.path.join(out_dir, f"{SPLITS['test'][1]}-*-of-*{SHARD_SUFFIX}"),
+        "train_files": shard_format.shard_pattern(out_dir, SPLITS["train"][1]),
+        "eval_files": shard_format.shard_pattern(out_dir, SPLITS["test"][1]),
     }
     stats_path = os.path.join(out_dir, STATS_FILE)
     existing = _read_stats(stats_path)
@@ -286,7 +283,7 @@ def build(
     if os.path.exists(stats_path):
         os.remove(stats_path)  # the shards below no longer match it
     for split, (_, prefix) in SPLITS.items():
-        for stale in glob.glob(os.path.join(out_dir, f"{prefix}-*-of-*{SHARD_SUFFIX}")):
+        for stale in glob.glob(shard_format.shard_pattern(out_dir, prefix)):
             logger.info("removing shard of a previous build: %s", stale)
             os.remove(stale)
 
@@ -379,8 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pipeline_args=beam_args,
         )
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"fashion_mnist: error: {e}", file=sys.stderr)
+        return 2
     if result["skipped"]:
         print(f"{args.out_dir}: already built with these parameters, nothing to do")
     for split, s in result["splits"].items():

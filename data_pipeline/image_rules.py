@@ -37,7 +37,7 @@ import io
 import os
 import struct
 import warnings
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError

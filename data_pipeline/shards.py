@@ -50,6 +50,8 @@ from typing import Any, Union
 import numpy as np
 import tensorflow as tf
 
+from data_pipeline import shard_format
+
 logger = logging.getLogger(__name__)
 
 # tf.io.parse_single_example spec of one page record (see module docstring).
@@ -63,18 +65,12 @@ FEATURES: dict[str, Any] = {
 
 NO_LABEL = -1  # what readers see when a page has no `label` feature
 IMAGE_FORMATS = ("png", "jpeg")
-SHARD_SUFFIX = ".tfrecord"
 
 # An image as accepted by `write_shards`: a file path, a uint8 array, or encoded bytes.
 ImageLike = Union[str, os.PathLike, np.ndarray, bytes]
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def shard_filename(prefix: str, index: int, num_shards: int) -> str:
-    """``{prefix}-{index:05d}-of-{num_shards:05d}.tfrecord``."""
-    return f"{prefix}-{index:05d}-of-{num_shards:05d}{SHARD_SUFFIX}"
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -191,7 +187,7 @@ def write_shards(
     out_dir = os.fspath(out_dir)
     tf.io.gfile.makedirs(out_dir)
     paths = [
-        os.path.join(out_dir, shard_filename(prefix, i, num_shards)) for i in range(num_shards)
+        os.path.join(out_dir, shard_format.shard_filename(prefix, i, num_shards)) for i in range(num_shards)
     ]
     tmp_paths = [p + ".incomplete" for p in paths]
     counters = _Counters()

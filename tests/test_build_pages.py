@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from data_pipeline import build_pages, image_rules, records, shards
+from data_pipeline import build_pages, fashion_mnist, image_rules, records, shards, sources
 
 RULES = image_rules.ImageRules(min_side=16, max_side=128, max_pixels=1_000_000, jpeg_quality=90)
 
@@ -169,10 +169,10 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("build_pages")
     PATHS.update(make_images(root / "img"))
     specs = [
-        build_pages.SplitSpec(build_pages.manifest_source(write_manifest(root)), "train", 3),
-        build_pages.SplitSpec(build_pages.manifest_source(write_parquet(root)), "pq", 1),
-        build_pages.SplitSpec(build_pages.dirtree_source(write_tree(root)), "tree", 2),
-        build_pages.SplitSpec(build_pages.imagefolder_source(write_imagefolder(root),
+        build_pages.SplitSpec(sources.manifest_source(write_manifest(root)), "train", 3),
+        build_pages.SplitSpec(sources.manifest_source(write_parquet(root)), "pq", 1),
+        build_pages.SplitSpec(sources.dirtree_source(write_tree(root)), "tree", 2),
+        build_pages.SplitSpec(sources.imagefolder_source(write_imagefolder(root),
                                                              images_per_page=2), "folder", 2),
     ]
     out = root / "out"
@@ -268,7 +268,7 @@ def test_rebuild_is_deterministic_and_multiprocess(built, tmp_path):
     fewer shards removes the old files of the prefix."""
     out = str(tmp_path / "mp")
     spec = build_pages.SplitSpec(
-        build_pages.manifest_source(str(built["root"] / "manifest.jsonl")), "train", 3)
+        sources.manifest_source(str(built["root"] / "manifest.jsonl")), "train", 3)
     stats = build_pages.run_build(
         [spec], out, rules=RULES, progress_seconds=0,
         pipeline_args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
@@ -289,13 +289,13 @@ def test_empty_and_missing_manifests_are_rejected_naming_them(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.jsonl.*empty"):
-        build_pages.manifest_source(str(empty))
+        sources.manifest_source(str(empty))
     with pytest.raises(FileNotFoundError, match="nothing-here"):
-        build_pages.manifest_source(str(tmp_path / "nothing-here-*.jsonl"))
+        sources.manifest_source(str(tmp_path / "nothing-here-*.jsonl"))
     rc = build_pages.main(["--source=manifest", f"--input={empty}", f"--out_dir={tmp_path}/o"])
     assert rc == 2 and "empty.jsonl" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        build_pages.dirtree_source(str(tmp_path / "nope"))
+        sources.dirtree_source(str(tmp_path / "nope"))
 
 
 def test_image_rules_each_bad_input(built):
@@ -339,7 +339,8 @@ def _write_idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def test_fashion_mnist_through_the_cli(tmp_path, capsys):
+def test_fashion_mnist_through_its_cli(tmp_path, capsys):
+    """The embedded data's own command runs the Beam builder with fashion_mnist's rules."""
     src = tmp_path / "fm"
     src.mkdir()
     for stem, n in (("train", 31), ("t10k", 12)):
@@ -347,15 +348,19 @@ def test_fashion_mnist_through_the_cli(tmp_path, capsys):
         _write_idx(src / f"{stem}-images-idx3-ubyte.gz", images)
         _write_idx(src / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     out = str(tmp_path / "out")
-    rc = build_pages.main(["--source=fashion_mnist", f"--input={src}", f"--out_dir={out}",
-                           "--num_shards=2", "--images_per_page=3", "--progress_seconds=0"])
+    rc = fashion_mnist.main([f"--source_dir={src}", f"--out_dir={out}", "--train_shards=2", "--eval_shards=1",
+                             "--images_per_page=3"])
     assert rc == 0, capsys.readouterr().err
     pages = _pages(out, "train")
     assert all(p["page_id"].startswith("fmnist-train-c") for p in pages.values())
     assert sum(len(p["images"]) for p in pages.values()) == 31 - 1  # class 0 has 4: one unused
-    # fashion_mnist's own rules (28 px kept, lossless PNG) unless flags say otherwise
+    # fashion_mnist's own rules (28 px kept, lossless PNG)
     assert all(shards.sniff_format(i) == "png" for p in pages.values() for i in p["images"])
     assert "config.data.train_files=" in capsys.readouterr().out
+    # The generic builder has no fashion_mnist source: one line naming the choices, exit 2.
+    with pytest.raises(SystemExit) as e:
+        build_pages.main(["--source=fashion_mnist", f"--out_dir={out}"])
+    assert e.value.code == 2 and "invalid choice: 'fashion_mnist'" in capsys.readouterr().err
 
 
 def test_tfds_builder_directory(tmp_path):
@@ -378,7 +383,7 @@ def test_tfds_builder_directory(tmp_path):
 
     builder = TinyLabeled(data_dir=str(tmp_path / "tfds"))
     builder.download_and_prepare()
-    source = build_pages.tfds_source(builder.data_dir, split="train", images_per_page=2)
+    source = sources.tfds_source(builder.data_dir, split="train", images_per_page=2)
     assert source.info["label_names"] == ["a", "b", "c"] and len(source.pages) == 6
     stats = build_pages.run_build([build_pages.SplitSpec(source, "train", 2)],
                                   str(tmp_path / "out"), rules=RULES, progress_seconds=0)

@@ -337,5 +337,5 @@ def test_fashion_mnist_missing_source_and_cli(fake_fmnist, tmp_path, capsys):
     assert "config.data.train_files=" in capsys.readouterr().out
     assert fashion_mnist.main(argv) == 0
     assert "already built" in capsys.readouterr().out
-    assert fashion_mnist.main(["--out_dir", out, "--source_dir", str(tmp_path)]) == 1
+    assert fashion_mnist.main(["--out_dir", out, "--source_dir", str(tmp_path)]) == 2
     assert "dataset-fashion-mnist" in capsys.readouterr().err
