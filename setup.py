@@ -39,7 +39,7 @@ setup(
             "semantica-train=semantica_jax.main:run",
             "semantica-build-fmnist=data_pipeline.fashion_mnist:run",
             "semantica-build-pages=data_pipeline.build_pages:run",
-            "semantica-similarity=data_pipeline.similarity:run",
+            "semantica-similarity=semantica_jax.similarity:run",
             "semantica-convert-encoder=semantica_jax.convert_encoder:run",
             "semantica-export=semantica_jax.export:run",
             "semantica-eval=semantica_jax.evaluation.job:run",

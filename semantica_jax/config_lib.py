@@ -81,10 +81,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.jpeg_dct_scaling = True
     # Semantic similarity filter (docs/DATA.md). 'none': any two distinct images of a page;
     # 'similarity': only (condition, target) pairs whose cosine similarity s (frozen-encoder
-    # pooled embeddings, the `pair_sim` matrix written by `python -m data_pipeline.similarity`)
+    # pooled embeddings, the `pair_sim` matrix written by `python -m semantica_jax.similarity`)
     # satisfies sim_low <= s <= sim_high; pages without such a pair are skipped. Thresholds
     # apply at train time, so one set of shards serves the with/without-filter ablation and
-    # threshold sweeps (`python -m data_pipeline.similarity --sweep` tabulates what each keeps).
+    # threshold sweeps (`python -m semantica_jax.similarity --sweep` tabulates what each keeps).
     c.data.pair_filter = "none"  # 'none' | 'similarity'
     c.data.sim_low = 0.5  # lower bound: drops unrelated pairs (no shared semantics)
     c.data.sim_high = 0.95  # upper bound: drops near-duplicates (pair -> reconstruction)

@@ -66,7 +66,7 @@ class _Page:
         return all(t is not None for t in self.tokens)
 
 
-class _Encoder:
+class Encoder:
     """The frozen encoder, jitted on fixed-size batches sharded over the local devices."""
 
     def __init__(self, encoder_config: Any, batch_size: int):
@@ -128,7 +128,7 @@ def _augmented(page: _Page) -> bytes:
     return example.SerializeToString()
 
 
-def _cache_file(src: str, dst: str, encode: _Encoder) -> dict[str, Any]:
+def _cache_file(src: str, dst: str, encode: Encoder) -> dict[str, Any]:
     """Writes the augmented copy of shard `src` to `dst`; returns its counts."""
     pending: collections.deque[_Page] = collections.deque()
     images: list[np.ndarray] = []
@@ -215,7 +215,7 @@ def build_cache(
             )
         stats = old
 
-    encode: _Encoder | None = None
+    encode: Encoder | None = None
     written, skipped, seconds, images = [], [], 0.0, 0
     for path, name in zip(files, names):
         dst = os.path.join(out_dir, name)
@@ -225,7 +225,7 @@ def build_cache(
             skipped.append(name)
             continue
         if encode is None:  # build (and compile) only when there is work
-            encode = _Encoder(encoder_config, batch_size)
+            encode = Encoder(encoder_config, batch_size)
         t0 = time.perf_counter()
         counts = _cache_file(path, dst, encode)
         elapsed = time.perf_counter() - t0

@@ -16,7 +16,7 @@ Pairing
   on exactly the same pages; only the index choice differs. Pairs mode needs >= 2.
 
 Similarity filtering (``pair_filter='similarity'``, the paper's semantic filter)
-  Shards augmented by `data_pipeline.similarity` carry ``pair_sim``: the page's full n x n
+  Shards augmented by `semantica_jax.similarity` carry ``pair_sim``: the page's full n x n
   matrix of cosine similarities between the frozen encoder's pooled embeddings (row-major
   float32). A (cond, target) pair (i, j), i != j, is *allowed* when ``sim_low <= s_ij <=
   sim_high``; pages without an allowed pair are skipped, and pairs are drawn uniformly among the
@@ -101,7 +101,7 @@ from data_pipeline import shards
 PAIRINGS = ("pairs", "reconstruction")
 PAIR_FILTERS = ("none", "similarity")
 TARGET_FITS = ("resize", "pad")
-# Feature added to page records by data_pipeline.similarity: the page's n x n cosine
+# Feature added to page records by semantica_jax.similarity: the page's n x n cosine
 # similarities (row-major float32), see the module docstring.
 PAIR_SIM_FEATURE = "pair_sim"
 PAGE_HASH_BUCKETS = 2**62
@@ -735,7 +735,7 @@ def check_pair_sim_files(files: Sequence[str]) -> None:
     """Checks that every file's first record has `PAIR_SIM_FEATURE` (pair_filter='similarity').
 
     Raises:
-      ValueError: naming the first file without it (not written by data_pipeline.similarity).
+      ValueError: naming the first file without it (not written by semantica_jax.similarity).
     """
     for path in files:
         for record in tf.data.TFRecordDataset(path).take(1):
@@ -743,7 +743,7 @@ def check_pair_sim_files(files: Sequence[str]) -> None:
             if PAIR_SIM_FEATURE not in feats:
                 raise ValueError(
                     f"{path} has no '{PAIR_SIM_FEATURE}' feature but config.data.pair_filter="
-                    "'similarity': compute it with `python -m data_pipeline.similarity "
+                    "'similarity': compute it with `python -m semantica_jax.similarity "
                     "--shards=... --out_dir=...` and point config.data.*_files at the output"
                 )
 

@@ -809,7 +809,7 @@ def _metric_rows(study, arms, names, scales, extra=None) -> tuple[list[str], lis
 
 def similarity_kept(summary: dict) -> dict | None:
     """What the similarity filter keeps for an arm, from the similarity tool's report next to its
-    training shards (data_pipeline/similarity.py: similarity.json, row of the sweep)."""
+    training shards (semantica_jax/similarity.py: similarity.json, row of the sweep)."""
     if not summary:
         return None
     if summary.get("pair_filter", "none") != "similarity":

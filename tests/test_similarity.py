@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from data_pipeline import similarity, synthetic
+from data_pipeline import synthetic
+from semantica_jax import similarity
 from semantica_jax import input_pipeline
 from tests.helpers import tiny_config
 

@@ -5,10 +5,10 @@ thresholds. This tool stores what training needs to apply ANY thresholds later, 
 what each setting keeps, so thresholds are chosen from data rather than guessed:
 
   # 1. the frozen encoder's pooled embeddings: reuse the token cache when there is one ...
-  python -m data_pipeline.similarity --shards='data/fashion_mnist_pages_img_focus28/train-*.tfrecord' \
+  python -m semantica_jax.similarity --shards='data/fashion_mnist_pages_img_focus28/train-*.tfrecord' \
       --out_dir=data/fashion_mnist_pages_img_focus28_sim --low=0.5 --high=0.95 --sweep
   # ... or embed the page shards here with the config's frozen encoder
-  python -m data_pipeline.similarity --config=experiments/semantica_tiny.py \
+  python -m semantica_jax.similarity --config=experiments/semantica_tiny.py \
       --shards='data/crawl_pages/train-*.tfrecord' --out_dir=data/crawl_pages_sim --sweep
 
 Output (``--out_dir``)
@@ -161,7 +161,7 @@ class _EmbedFn:
     def __init__(self, encoder_config: Any, batch_size: int):
         from semantica_jax import embed_cache  # imports jax: only when needed
 
-        self._encoder = embed_cache._Encoder(encoder_config, batch_size)
+        self._encoder = embed_cache.Encoder(encoder_config, batch_size)
         self.size = self._encoder.size
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -480,7 +480,7 @@ def _floats(text: str) -> list[float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.similarity",
+    parser = argparse.ArgumentParser(prog="python -m semantica_jax.similarity",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", required=True, help="glob(s) of page shards (comma-separated)")
     parser.add_argument("--out_dir", required=True)
