@@ -23,6 +23,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from flax.traverse_util import flatten_dict
+
+from semantica_jax import config_lib
 
 
 class RestoreError(RuntimeError):
@@ -125,16 +128,6 @@ _SHAPE_FIELDS = ("model.", "encoder.size", "encoder.patch_size", "encoder.image_
                  "encoder.num_registers", "encoder.family", "data.image_size")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_config_compatible(saved: dict, config: ml_collections.ConfigDict, *, where: str,
                             allow_change: bool) -> list[str]:
     """Compares a checkpoint's saved config with the resuming run's config.
@@ -143,13 +136,11 @@ def check_config_compatible(saved: dict, config: ml_collections.ConfigDict, *, w
     restorable), or when any other result-affecting field differs and `allow_change` is False.
     Returns the list of differing keys that were allowed.
     """
-    old, new = _flatten(saved), _flatten(config_to_json_dict(config))
+    old, new = flatten_dict(saved, sep="."), flatten_dict(config_to_json_dict(config), sep=".")
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     keys = [k for k in keys if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in _FREE_FIELDS)]
     # Fields added to the code after the checkpoint was written: unchanged when at their default.
-    from semantica_jax import config_lib
-
-    defaults = _flatten(config_to_json_dict(config_lib.default_config()))
+    defaults = flatten_dict(config_to_json_dict(config_lib.default_config()), sep=".")
     keys = [k for k in keys if not (k not in old and k in defaults and new.get(k) == defaults[k])]
     shape = [k for k in keys if any(k == f or (f.endswith(".") and k.startswith(f)) for f in _SHAPE_FIELDS)]
     describe = lambda ks: ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in ks)

@@ -190,22 +190,21 @@ def split_overrides(overrides: dict) -> tuple[dict, dict]:
 
 
 def apply_overrides(config, overrides: dict) -> None:
-    """Sets dotted keys on an ml_collections ConfigDict (lists become tuples); unknown keys raise."""
-    for key, value in overrides.items():
-        node = config
-        parts = key.split(".")
-        for p in parts[:-1]:
-            if p not in node:
-                raise StudyError(f"unknown config key {key!r}")
-            node = node[p]
-        if parts[-1] not in node:
-            raise StudyError(f"unknown config key {key!r}")
-        if isinstance(value, list):
-            value = tuple(value)
-        try:
-            node[parts[-1]] = value
-        except (TypeError, ValueError) as e:
-            raise StudyError(f"override {key}={value!r}: {e}") from e
+    """Sets dotted keys on an ml_collections ConfigDict (`update_from_flattened_dict`, on the
+    config locked so that no key is added; JSON lists become tuples); unknown keys raise."""
+    was_locked = config.is_locked
+    config.lock()
+    try:
+        for key, value in overrides.items():
+            try:
+                config.update_from_flattened_dict({key: tuple(value) if isinstance(value, list) else value})
+            except KeyError:
+                raise StudyError(f"unknown config key {key!r}") from None
+            except (TypeError, ValueError) as e:
+                raise StudyError(f"override {key}={value!r}: {e}") from e
+    finally:
+        if not was_locked:
+            config.unlock()
 
 
 def _flag_value(value: Any) -> str:

@@ -191,6 +191,20 @@ def test_study_files_load_and_reject_bad_references(tmp_path):
         study_lib.parse_override("novalue")
 
 
+def test_overrides_set_dotted_keys_and_refuse_unknown_ones():
+    from semantica_jax import config_lib
+
+    c = config_lib.default_config()
+    study_lib.apply_overrides(c, {"model.channels": [8, 16], "optimizer.learning_rate": 3e-4})
+    assert c.model.channels == (8, 16) and c.optimizer.learning_rate == 3e-4
+    assert not c.is_locked  # left as it was
+    with pytest.raises(study_lib.StudyError, match="unknown config key 'model.chanels'"):
+        study_lib.apply_overrides(c, {"model.chanels": 3})
+    assert "chanels" not in c.model
+    with pytest.raises(study_lib.StudyError, match="optimizer.learning_rate='fast'"):
+        study_lib.apply_overrides(c, {"optimizer.learning_rate": "fast"})
+
+
 def test_runs_share_a_compilation_cache_unless_one_is_set(tmp_path, monkeypatch):
     cache = str(tmp_path / "jax_cache")
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
