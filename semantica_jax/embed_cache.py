@@ -47,7 +47,7 @@ from absl import logging  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from data_pipeline import shards  # noqa: E402
-from semantica_jax import config_lib, input_pipeline, sharding  # noqa: E402
+from semantica_jax import config_lib, fileio, input_pipeline, sharding  # noqa: E402
 from semantica_jax import encoder as encoder_lib  # noqa: E402
 
 CACHE_FORMAT = "semantica_jax.embed_cache/1"
@@ -172,13 +172,6 @@ def _cache_file(src: str, dst: str, encode: Encoder) -> dict[str, Any]:
     return {"records": records, "images": num_images}
 
 
-def _write_stats(path: str, stats: dict[str, Any]) -> None:
-    tmp = path + ".incomplete"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(stats, indent=2) + "\n")
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def build_cache(
     encoder_config: Any, src: str, out_dir: str, *, batch_size: int = 256
 ) -> dict[str, Any]:
@@ -234,7 +227,7 @@ def build_cache(
         stats["files"][name] = {**counts, "src_bytes": src_bytes, "seconds": round(elapsed, 3)}
         if counts["records"] and "token_shape" not in stats:
             stats.update(_shapes(dst))
-        _write_stats(stats_path, stats)
+        fileio.write_json(stats_path, stats)
         written.append(name)
         logging.info("embed_cache: %s: %d pages, %d images in %.1f s", name, counts["records"],
                      counts["images"], elapsed)

@@ -50,7 +50,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from semantica_jax import input_pipeline  # noqa: E402
+from semantica_jax import fileio, input_pipeline  # noqa: E402
 
 SIM_FEATURE = input_pipeline.PAIR_SIM_FEATURE
 REPORT_JSON = "similarity.json"
@@ -286,8 +286,7 @@ def compute(
     report = _report(tally, settings, low, high, shards, files, encoder_config, drop_unpaired,
                      dropped_unpaired, time.time() - t0)
     report["request"] = request
-    with open(os.path.join(out_dir, REPORT_JSON), "w") as f:
-        json.dump(report, f, indent=2)
+    fileio.write_json(os.path.join(out_dir, REPORT_JSON), report)
     _draw_histogram(report, os.path.join(out_dir, HIST_PNG))
     _draw_pairs(tally.candidates, report, os.path.join(out_dir, PAIRS_PNG), grid_levels,
                 grid_pairs, seed)

@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from semantica_jax import fileio
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATUS_FILE = "study_status.json"
 REPORT_MD = "REPORT.md"
@@ -259,11 +261,7 @@ def read_json(path: str | None) -> Any:
 
 
 def write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default, allow_nan=True)
-    os.replace(tmp, path)
+    fileio.write_json(path, obj, default=_json_default)
 
 
 def _json_default(x):

@@ -8,7 +8,6 @@ Data flow: page shards -> (condition, target) pairs -> frozen ViT tokens (stop_g
 optimised, not checkpointed) -> UNet denoiser cross-attending to them -> v/eps/x loss.
 """
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -27,7 +26,7 @@ from absl import logging
 from clu import metric_writers, metrics, periodic_actions
 from jax.experimental import multihost_utils
 
-from semantica_jax import checkpointing, config_lib, diffusion, input_pipeline, sharding
+from semantica_jax import checkpointing, config_lib, diffusion, fileio, input_pipeline, sharding
 from semantica_jax import encoder as encoder_lib
 from semantica_jax import images as images_lib
 from semantica_jax.models import unet as unet_lib
@@ -582,8 +581,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         **{f"eval_{k}": v for k, v in eval_result.items()},
     }
     if is_main:
-        with open(os.path.join(workdir, "metrics.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        fileio.write_json(os.path.join(workdir, "metrics.json"), summary)
     writer.close()
     return TrainOutcome(state=state, start_step=start_step, summary=summary)
 

@@ -242,3 +242,21 @@ def test_divergence(data_dir, tmp_path, mode):
         out = train.train_and_evaluate(c, workdir)
         assert out.summary["skipped_steps"] == 3
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out.state.params))
+
+
+def test_write_json_replaces_whole_files_locally_and_on_tf_filesystems(tmp_path):
+    """Atomic JSON writes: the target holds the old or the new content, no temporary file is left,
+    and paths with a scheme go through tf.io.gfile (TensorFlow's in-memory ram:// filesystem here)."""
+    import tensorflow as tf
+
+    from semantica_jax import fileio
+
+    path = str(tmp_path / "sub" / "status.json")
+    fileio.write_json(path, {"step": 1})
+    fileio.write_json(path, {"step": 2, "loss": float("nan")})
+    assert json.load(open(path))["step"] == 2 and os.listdir(tmp_path / "sub") == ["status.json"]
+    remote = f"ram://{tmp_path.name}/eval/result.json"
+    fileio.write_json(remote, {"x": np.float32(0.5)}, default=float)
+    with tf.io.gfile.GFile(remote) as f:
+        assert json.load(f) == {"x": 0.5}
+    assert tf.io.gfile.listdir(os.path.dirname(remote)) == ["result.json"]

@@ -27,12 +27,11 @@ import sys
 import time
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from semantica_jax import checkpointing, config_lib, export as export_lib, images as images_lib, sampling
+from semantica_jax import checkpointing, config_lib, export as export_lib, fileio, images as images_lib, sampling
 from semantica_jax.evaluation import fewshot
 
 RESULT_KEYS = ("fd", "precision", "recall", "density", "coverage", "fewshot_fd", "fewshot_precision",
@@ -57,10 +56,7 @@ class Progress:
 
     def mark(self, tag: str, result_path: str) -> None:
         self.done[tag] = result_path
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"done": self.done}, f, indent=2)
-        os.replace(tmp, self.path)
+        fileio.write_json(self.path, {"done": self.done})
 
 
 def _with_eval_section(model_config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigDict | None):
@@ -257,14 +253,6 @@ class Evaluator:
                                          row_labels=labels)
 
 
-def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
-    os.replace(tmp, path)
-
-
 def run_eval_job(eval_config: ml_collections.ConfigDict | None, workdir: str, *, export_dir: str | None = None,
                  once: bool = False, max_checkpoints: int = 0) -> list[dict]:
     """Evaluates the export, or every new checkpoint of `workdir`; returns the results written."""
@@ -286,7 +274,7 @@ def run_eval_job(eval_config: ml_collections.ConfigDict | None, workdir: str, *,
             evaluator.check_compatible(config)
         result = evaluator.evaluate(model, out_dir=out_dir, tag=tag, step=step, writer=writer)
         path = os.path.join(out_dir, f"{tag}.json")
-        _write_json(path, result)
+        fileio.write_json(path, result, default=float)
         progress.mark(tag, path)
         writer.flush()
         results.append(result)
@@ -318,7 +306,7 @@ def run_eval_job(eval_config: ml_collections.ConfigDict | None, workdir: str, *,
         for step in todo:
             try:
                 model = export_lib.model_from_checkpoint(workdir, step)
-            except export_lib.ExportError as e:
+            except export_lib.ExportError:
                 if not os.path.isdir(os.path.join(ckpt_dir, str(step))):  # removed by max_to_keep
                     logging.warning("Checkpoint %d disappeared before evaluation (max_to_keep); skipped", step)
                     continue
