@@ -37,7 +37,6 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
@@ -77,7 +76,7 @@ class Encoder:
         self.batch_size = -(-batch_size // len(devices)) * len(devices)  # multiple of devices
         self.mesh = Mesh(np.asarray(devices).reshape(len(devices), 1, 1), sharding.MESH_AXES)
         self.rules = config_lib.DEFAULT_AXIS_RULES
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        with sharding.mesh_and_rules(self.mesh, self.rules):
             self.params = self.encoder.load_params(self.mesh, self.rules)
         self.batch_sharding = NamedSharding(self.mesh, P(sharding.BATCH_AXES))
         param_sh = jax.tree.map(lambda x: x.sharding, self.params)
@@ -97,7 +96,7 @@ class Encoder:
         n = images.shape[0]
         batch = np.zeros((self.batch_size, self.size, self.size, 3), np.float32)
         batch[:n] = images
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        with sharding.mesh_and_rules(self.mesh, self.rules):
             tokens, pooled = self._encode(self.params, jax.device_put(batch, self.batch_sharding))
         return np.asarray(tokens)[:n], np.asarray(pooled)[:n]
 

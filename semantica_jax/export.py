@@ -72,7 +72,7 @@ class ExportedModel:
     def encoder_params(self):
         """The frozen encoder's params (loaded on first use), sharded on this export's mesh."""
         if self._enc_params is None:
-            with _context(self.mesh, self.rules):
+            with sharding.mesh_and_rules(self.mesh, self.rules):
                 self._enc_params = self.encoder.load_params(self.mesh, self.rules)
         return self._enc_params
 
@@ -81,17 +81,6 @@ class ExportedModel:
 
         return sampling.Sampler(self.config, self.unet, self.encoder, self.mesh, self.rules,
                                 batch_size=batch_size)
-
-
-def _context(mesh, rules):
-    import contextlib
-
-    import flax.linen as nn
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(rules))
-    return stack
 
 
 def eval_mesh_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

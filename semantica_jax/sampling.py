@@ -109,14 +109,7 @@ class Sampler:
 
     def _context(self):
         """Mesh + logical axis rules, needed while tracing and calling model code."""
-        import contextlib
-
-        import flax.linen as nn
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(self.rules))
-        return stack
+        return sharding.mesh_and_rules(self.mesh, self.rules)
 
     def generate(self, ema_params, enc_params, cond: np.ndarray, keys: jax.Array,
                  settings: SamplerSettings, *, progress: Callable[[int, int], None] | None = None) -> np.ndarray:

@@ -21,6 +21,7 @@ tensor-parallel by changing the config only. The batch dimension is sharded over
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 from typing import Any, Mapping, Sequence
@@ -251,3 +252,9 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict
         for k, v in local_batch.items()
     }
 
+
+@contextlib.contextmanager
+def mesh_and_rules(mesh: Mesh, rules: Sequence[tuple]):
+    """The mesh and the logical-axis rules in context: what tracing and calling model code needs."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

@@ -275,7 +275,7 @@ class Trainer:
 
     def context(self):
         """Mesh + logical axis rules, needed while tracing model code."""
-        return _MeshRules(self.mesh, self.rules)
+        return sharding.mesh_and_rules(self.mesh, self.rules)
 
     @property
     def num_params(self) -> int:
@@ -316,20 +316,6 @@ class Trainer:
             ).lower(self.abstract_state, self.abstract_enc_params, self.abstract_batch())
 
 
-class _MeshRules:
-    def __init__(self, mesh, rules):
-        self._mesh_cm = jax.set_mesh(mesh)
-        self._rules_cm = nn.logical_axis_rules(rules)
-
-    def __enter__(self):
-        self._mesh_cm.__enter__()
-        self._rules_cm.__enter__()
-
-    def __exit__(self, *exc):
-        self._rules_cm.__exit__(*exc)
-        self._mesh_cm.__exit__(*exc)
-
-
 def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     """Models, optimizer and the sharded abstract TrainState for `config` on `mesh`.
 
@@ -346,7 +332,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
 
     # No eager op may run inside the mesh context: the mesh may hold compile-only devices.
     abstract_enc = encoder.abstract_params(mesh, rules)
-    with _MeshRules(mesh, rules):
+    with sharding.mesh_and_rules(mesh, rules):
         tokens, pooled = jax.eval_shape(
             encoder.encode, abstract_enc, jax.ShapeDtypeStruct((1, cond_size, cond_size, 3), jnp.float32)
         )

@@ -155,7 +155,6 @@ def _inception_v3(resolution: int | None, weights_path: str | None) -> FeatureEx
 
 
 def _encoder(resolution: int | None, weights_path: str | None, encoder_config: Any) -> FeatureExtractor:
-    import flax.linen as nn
     import ml_collections
     from jax.sharding import Mesh
 
@@ -179,10 +178,7 @@ def _encoder(resolution: int | None, weights_path: str | None, encoder_config: A
     rules = config_lib.DEFAULT_AXIS_RULES
 
     def context():
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(mesh))
-        stack.enter_context(nn.logical_axis_rules(rules))
-        return stack
+        return sharding.mesh_and_rules(mesh, rules)
 
     with context():
         params = enc.load_params(mesh, rules)
