@@ -19,7 +19,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["semantica_jax", "semantica_jax.*", "data_pipeline", "data_pipeline.*"]),
+    packages=find_packages(include=["semantica_jax", "semantica_jax.*", "data_pipeline", "data_pipeline.*",
+                                    "semantica_study"]),
     install_requires=_requirements(),
     extras_require={
         # Parity tests build reference models offline with the CPU build of torch 2.13.0.
@@ -44,6 +45,7 @@ setup(
             "semantica-export=semantica_jax.export:run",
             "semantica-eval=semantica_jax.evaluation.job:run",
             "semantica-vary=semantica_jax.vary:run",
+            "semantica-study=semantica_study.cli:run",
         ],
     },
 )

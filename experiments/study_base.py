@@ -4,13 +4,13 @@ The same runner as the tiny study, pointed at `experiments/semantica_base.py` (6
 frozen DINOv2-B/14) and your own page shards. Nothing here has been run: budgets and thresholds
 are placeholders to adjust after a first short run.
 
-  python -m semantica_jax.study \
+  python -m semantica_study \
       --study='experiments/study_base.py:pages=/data/web_pages,weights=/weights/dinov2_b14.npz,eval_pages=/data/imagenet_val_pages,num_classes=1000' \
       --out=/runs/study_base
   # print the per-arm commands (e.g. to launch each arm on a pod with launch/tpu_pod.sh), then
   # collect the results afterwards:
-  python -m semantica_jax.study --study='...' --out=/runs/study_base --dry_run
-  python -m semantica_jax.study --study='...' --out=/runs/study_base --report_only
+  python -m semantica_study --study='...' --out=/runs/study_base --dry_run
+  python -m semantica_study --study='...' --out=/runs/study_base --report_only
 
 The runner starts every phase as a local subprocess (one host: a GPU node or a single TPU VM).
 On a multi-host pod run each printed train command on every worker (launch/tpu_pod.sh) into the

@@ -2,7 +2,7 @@ r"""The paper-claims study at small scale: tiny Semantica on the embedded Fashio
 
 Run (set-up, data, every arm, the report; resumable: rerun the same command after an interruption):
   bash launch/study.sh
-  # = python -m semantica_jax.study --study=experiments/study_tiny.py --out=studies/tiny
+  # = python -m semantica_study --study=experiments/study_tiny.py --out=studies/tiny
 Quick wiring check (6 steps per arm, a 2-step eval; numbers meaningless), into studies/tiny_smoke:
   bash launch/study.sh --smoke
 Variant args (`experiments/study_tiny.py:key=value,...`):

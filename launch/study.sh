@@ -4,7 +4,7 @@
 # idempotent steps as launch/local.sh), then every arm of the study file: train, export, few-shot
 # eval, and studies/<name>/REPORT.md (+ report.json, grids/). Rerun to resume: finished arms are
 # skipped. Budget and arms: docs/STUDY.md.
-# Usage: bash launch/study.sh [semantica_jax.study flags...]
+# Usage: bash launch/study.sh [semantica_study flags...]
 #   e.g. bash launch/study.sh                          # experiments/study_tiny.py -> studies/tiny
 #        bash launch/study.sh --smoke                  # 6 steps per arm -> studies/tiny_smoke (wiring only)
 #        bash launch/study.sh --only=pairs,reconstruction --seeds=0
@@ -29,4 +29,4 @@ if [ "${PREPARE_DATA:-1}" = 1 ]; then
 fi
 
 # 4. Every arm (sequentially; logs in studies/<name>/<arm>/seed<k>/{train,eval}.log), then the report.
-exec "$PYBIN" -m semantica_jax.study --study="$STUDY" "$@"
+exec "$PYBIN" -m semantica_study --study="$STUDY" "$@"
