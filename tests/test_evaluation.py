@@ -5,6 +5,7 @@ restores from it: exports, restores on fewer devices, the eval job (killed and r
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -237,19 +238,36 @@ def test_eval_job_resumes_after_kill_without_redoing_checkpoints(trained, tmp_pa
     config, workdir, _ = trained
     cfg_file = _write_config_file(tmp_path, config)
     eval_dir = os.path.join(workdir, "eval")
+    # The job starts while only checkpoint 5 exists: it evaluates it, then waits for step 10 (the
+    # last train step), and is killed while waiting -- deterministically before step 10.
+    later = os.path.join(workdir, "checkpoints", "10")
+    hidden = str(tmp_path / "ckpt_10")
+    shutil.move(later, hidden)
     cmd = [sys.executable, "-m", "semantica_jax.main", "--mode=eval", f"--config={cfg_file}",
-           f"--workdir={workdir}", "--eval_once"]
+           f"--workdir={workdir}", "--config.eval.idle_timeout_seconds=600"]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"))
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     first = os.path.join(eval_dir, "step_5.json")
-    deadline = time.time() + 300
-    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert os.path.exists(first), proc.communicate()[0].decode()[-3000:]
-    proc.send_signal(signal.SIGKILL)  # killed mid-run: step 10 not evaluated yet
-    proc.wait()
-    progress = json.load(open(os.path.join(eval_dir, "progress.json")))["done"]
-    assert "step_5" in progress and "step_10" not in progress
+    progress_file = os.path.join(eval_dir, "progress.json")
+
+    def step_5_recorded():
+        try:
+            return "step_5" in json.load(open(progress_file))["done"]
+        except (OSError, ValueError):
+            return False
+
+    try:
+        deadline = time.time() + 300
+        while not step_5_recorded() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert step_5_recorded(), proc.communicate()[0].decode()[-3000:]
+        assert proc.poll() is None  # still waiting for checkpoint 10
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        shutil.move(hidden, later)
+    progress = json.load(open(progress_file))["done"]
+    assert "step_5" in progress and "step_10" not in progress and os.path.exists(first)
     stamp = os.stat(first).st_mtime_ns
 
     results = job.run_eval_job(config, workdir, once=True)  # the restarted job
