@@ -79,6 +79,10 @@ ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "default_steps2x": ("", OnDefault(("train.num_steps=7200",)), "the default at twice the steps (7,200)"),
     "default_lr2e-3": ("", OnDefault(("optimizer.learning_rate=2e-3",)), "the default at learning rate 2e-3"),
     "default_ema0.999": ("", OnDefault(("optimizer.ema_decay=0.999",)), "the default with EMA decay 0.999"),
+    "default_data4": ("", OnDefault(("data.train_files=" + os.path.join(
+        REPO, "data", "fashion_mnist_pages_img_focus56", "train-0000[0-3]-of-00008.tfrecord"),)),
+                      "the default on 4 of the 8 training shards (30,000 images instead of 15,000; "
+                      "cache: `python -m semantica_jax.embed_cache --src=...train-0000[23]...`)"),
     "default_drop0.2": ("", OnDefault(("diffusion.cond_drop_prob=0.2",)),
                         "the default with the condition dropped with p 0.2"),
 }
