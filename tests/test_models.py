@@ -173,7 +173,7 @@ def test_vit_registers_absent_and_layerscale_off():
 
 
 def test_vit_swiglu_matches_reference(images):
-    assert vit.swiglu_hidden_dim(1536, 4) == config_lib.VIT_SIZES["g"]["mlp_dim"] == 4096
+    assert vit.swiglu_hidden_dim(1536, 4) == vit.SIZES["g"]["mlp_dim"] == 4096
     model = vit.ViT(**{**VIT_KW, "mlp_dim": 48}, ffn="swiglu", num_registers=1)
     variables = model.init(jax.random.PRNGKey(3), images[16])
     _assert_all_logically_named(variables["params"])

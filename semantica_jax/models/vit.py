@@ -1,7 +1,7 @@
 """Vision Transformers for the FROZEN image encoder whose tokens condition the denoiser.
 
 One module, `ViT`, covers three families through its fields (sizes come from
-`config_lib.VIT_SIZES` via `vit_from_config`); the forward pass of each family follows the HF
+`SIZES` via `vit_from_config`); the forward pass of each family follows the HF
 `transformers` model, so converted checkpoints (`models/convert.py`) reproduce HF outputs:
 
   family='dinov2'   DINOv2 ViT-S/B/L/g, patch 14, with or without registers (HF `Dinov2Model`,
@@ -81,8 +81,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semantica_jax import config_lib
 from semantica_jax.models import layers
+
+# Encoder ladder (ViT widths/depths shared by the families: DINOv2 S/B/L/g use patch 14, CLIP
+# B/16, B/32, L/14 are sizes B, B, L with patch 16, 32, 14; SigLIP So400m/14). `g` uses the
+# SwiGLU FFN as DINOv2-g does. `config.encoder.width/depth/num_heads/mlp_dim/ffn` override a size.
+SIZES = {
+    "tiny": dict(width=32, depth=2, num_heads=2, mlp_dim=64, ffn="mlp"),
+    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536, ffn="mlp"),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072, ffn="mlp"),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096, ffn="mlp"),
+    "H": dict(width=1280, depth=32, num_heads=16, mlp_dim=5120, ffn="mlp"),
+    "g": dict(width=1536, depth=40, num_heads=24, mlp_dim=4096, ffn="swiglu"),
+    "So400m": dict(width=1152, depth=27, num_heads=16, mlp_dim=4304, ffn="mlp"),
+}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -166,7 +178,7 @@ def set_family(encoder_config: Any, family: str) -> None:
 def swiglu_hidden_dim(width: int, mlp_ratio: float = 4.0) -> int:
     """HF `Dinov2SwiGLUFFN` hidden width: int(int(width * mlp_ratio) * 2 / 3) rounded up to 8.
 
-    E.g. DINOv2-g: width 1536, mlp_ratio 4 -> 4096, which is `VIT_SIZES['g']['mlp_dim']`. The ViT's
+    E.g. DINOv2-g: width 1536, mlp_ratio 4 -> 4096, which is `SIZES['g']['mlp_dim']`. The ViT's
     `mlp_dim` for ffn='swiglu' is this already-rounded width (the size of the stored weights).
     """
     hidden = int(width * mlp_ratio)
@@ -598,7 +610,7 @@ def _floats(values: Sequence[float], field: str) -> tuple[float, ...]:
 
 def resolve_size(encoder_config: Any) -> dict[str, Any]:
     """width/depth/num_heads/mlp_dim/ffn of `config.encoder`: the explicit fields where set
-    (width, depth, num_heads, mlp_dim != -1; ffn != ''), else `VIT_SIZES[encoder.size]`."""
+    (width, depth, num_heads, mlp_dim != -1; ffn != ''), else `SIZES[encoder.size]`."""
     explicit = {
         key: getattr(encoder_config, key)
         for key in ("width", "depth", "num_heads", "mlp_dim", "ffn")
@@ -607,12 +619,12 @@ def resolve_size(encoder_config: Any) -> dict[str, Any]:
     if len(explicit) == 5:
         return explicit
     size = encoder_config.size
-    if size not in config_lib.VIT_SIZES:
+    if size not in SIZES:
         raise ValueError(
-            f"encoder.size={size!r} is not a ViT size; choose one of {sorted(config_lib.VIT_SIZES)}"
+            f"encoder.size={size!r} is not a ViT size; choose one of {sorted(SIZES)}"
             f" (or set all of encoder.width/depth/num_heads/mlp_dim/ffn)"
         )
-    return {**config_lib.VIT_SIZES[size], **explicit}
+    return {**SIZES[size], **explicit}
 
 
 def vit_from_config(
@@ -659,13 +671,13 @@ def config_overrides(model: ViT) -> dict[str, Any]:
     """The `config.encoder` fields that rebuild `model` with `vit_from_config` (architecture and
     preprocessing; not `image_size`, the run resolution, which may be any multiple of the patch).
 
-    `size` names the `VIT_SIZES` entry when one matches, else the explicit width/depth/num_heads/
+    `size` names the `SIZES` entry when one matches, else the explicit width/depth/num_heads/
     mlp_dim/ffn fields are given.
     """
     arch = dict(width=model.width, depth=model.depth, num_heads=model.num_heads,
                 mlp_dim=model.mlp_dim, ffn=model.ffn)
     out: dict[str, Any] = {"family": model.family}
-    match = [name for name, s in config_lib.VIT_SIZES.items() if s == arch]
+    match = [name for name, s in SIZES.items() if s == arch]
     if match:
         out["size"] = match[0]
     else:
