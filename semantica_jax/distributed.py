@@ -93,6 +93,12 @@ def maybe_initialize(env: Mapping[str, str] | None = None) -> bool:
             num_processes=_int(env, "JAX_NUM_PROCESSES"),
             process_id=_int(env, "JAX_PROCESS_ID"),
         )
+    if env.get("SEMANTICA_HEARTBEAT_TIMEOUT_SECONDS"):
+        # How soon the survivors learn that a process died (JAX's default: 100 s).
+        kwargs["heartbeat_timeout_seconds"] = _int(env, "SEMANTICA_HEARTBEAT_TIMEOUT_SECONDS")
+    if env.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+        # Several CPU processes (launch/local_multihost.sh): collectives across processes need gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     logging.info("Multi-host (%s): jax.distributed.initialize(%s)", reason, kwargs or "")
     jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())

@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from semantica_jax import checkpointing, config_lib, input_pipeline, sharding
 
@@ -164,27 +165,38 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, ra
         "versions": {"jax": jax.__version__, "orbax": ocp.__version__ if hasattr(ocp, "__version__") else "",
                      "python": sys.version.split()[0]},
     }
+    # Multi-host: every process restores and saves its shards (Orbax); process 0 alone touches
+    # the directories and writes the JSON files, between barriers.
+    primary = jax.process_index() == 0
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        if not overwrite:
-            raise ExportError(f"{out_dir} already exists (pass --overwrite to replace it)")
-        shutil.rmtree(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise ExportError(f"{out_dir} already exists (pass --overwrite to replace it)")
     tmp = out_dir + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    if primary:
+        for stale in (out_dir, tmp):
+            if os.path.exists(stale):
+                shutil.rmtree(stale)
+        os.makedirs(tmp)
+    _barrier("export: directory ready")
     with ocp.StandardCheckpointer() as ckptr:
         for name, tree in items.items():
             ckptr.save(os.path.join(tmp, "params", name), tree)
         ckptr.wait_until_finished()
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
-    with open(os.path.join(tmp, "export.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(tmp, out_dir)
+    if primary:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+        with open(os.path.join(tmp, "export.json"), "w") as f:
+            json.dump(info, f, indent=2)
+        os.replace(tmp, out_dir)
+    _barrier("export: written")
     logging.info("Exported step %d of %s (%d params, items %s) to %s", step, workdir, num_params,
                  sorted(items), out_dir)
     return out_dir
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def read_info(path: str) -> tuple[dict, ml_collections.ConfigDict]:

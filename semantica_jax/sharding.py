@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -251,6 +251,21 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()
     }
+
+
+def global_array(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global jax.Array of `value`, which every process holds whole (e.g. fixed sample
+    conditions): each process places the slices its own devices own."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of `x` as numpy on every process: all-gathered from the other processes
+    when some of its shards live only there (a batch-sharded output on a multi-host mesh)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @contextlib.contextmanager

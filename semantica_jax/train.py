@@ -8,6 +8,7 @@ Data flow: page shards -> (condition, target) pairs -> frozen ViT tokens (stop_g
 optimised, not checkpointed) -> UNet denoiser cross-attending to them -> v/eps/x loss.
 """
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -436,7 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if config.data.eval_files:
         eval_ds = input_pipeline.create_eval_dataset(
             config, process_index=pid, process_count=nproc, batch_size=local_batch_size)
-    grid_conds = _grid_conditions(config, eval_ds, train_ds)
+    grid_conds = _grid_conditions(config, local_batch_size)
     ids_log = _DataIdsLog(workdir, pid, start_step) if tc.record_data_ids else None
 
     # ------------------------------------------------------------------ compile the step
@@ -656,10 +657,23 @@ def _flat_hparams(config) -> dict:
 
 
 def _evaluate(eval_step, state, enc_params, eval_ds, num_batches, mesh) -> dict:
+    """Mean eval loss over the eval split; on several processes, over as many batches as the
+    process with the fewest has (every eval step is a collective: they must take the same count)."""
     total, count = 0.0, 0
     rng = jax.random.PRNGKey(0)
-    for i, batch in enumerate(eval_ds.as_numpy_iterator()):
+    batches = eval_ds.as_numpy_iterator()
+    for i in itertools.count():
         if num_batches > 0 and i >= num_batches:
+            break
+        batch = next(batches, None)
+        if jax.process_count() > 1:
+            have = multihost_utils.process_allgather(np.int32(batch is not None))
+            if not np.all(have):
+                if np.any(have):
+                    logging.warning("eval: the processes' eval shards hold different numbers of batches; "
+                                    "stopped after %d, the fewest", i)
+                break
+        elif batch is None:
             break
         gb = sharding.make_global_batch(_device_batch(batch), mesh)
         s, n = eval_step(state.ema_params, enc_params, gb, jax.random.fold_in(rng, i))
@@ -670,10 +684,15 @@ def _evaluate(eval_step, state, enc_params, eval_ds, num_batches, mesh) -> dict:
     return {"loss": total / count, "examples": count}
 
 
-def _grid_conditions(config, eval_ds, train_ds) -> dict:
-    """Fixed conditions for the sample grids (from the eval split when there is one)."""
+def _grid_conditions(config, batch_size: int) -> dict:
+    """Fixed conditions for the sample grids: the first pairs of the eval split (else of the
+    training stream at `config.seed`), read whole by every process, so that every process of a
+    multi-host run and every resumed run draws the same grid."""
     n = int(config.sample.num_conditions)
-    ds = eval_ds if eval_ds is not None else train_ds
+    if config.data.eval_files:
+        ds = input_pipeline.create_eval_dataset(config, process_index=0, process_count=1, batch_size=batch_size)
+    else:
+        ds = input_pipeline.create_train_dataset(config, process_index=0, process_count=1, batch_size=batch_size)
     batches = []
     for batch in ds.as_numpy_iterator():
         batches.append({k: batch[k] for k in ("cond", "cond_tokens", "cond_pooled", "label") if k in batch})
@@ -685,7 +704,7 @@ def _grid_conditions(config, eval_ds, train_ds) -> dict:
 def _write_grid(sample_fn, state, enc_params, conds, config, workdir, writer, step, is_main):
     rng = jax.random.PRNGKey(config.sample.seed)
     model_conds = {k: v for k, v in conds.items() if k != "label"}
-    samples = np.asarray(jax.device_get(sample_fn(state.ema_params, enc_params, model_conds, rng)))
+    samples = sharding.to_host(sample_fn(state.ema_params, enc_params, model_conds, rng))
     labels = conds.get("label")
     row_labels = None
     if labels is not None and np.all(labels >= 0):
