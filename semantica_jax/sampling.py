@@ -70,6 +70,7 @@ class Sampler:
         n_batch = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
         self.batch_size = max(n_batch, int(math.ceil(batch_size / n_batch)) * n_batch)
         self._fns: dict[SamplerSettings, Callable] = {}
+        self._batch_sharding = sharding.batch_sharding(mesh)
         self.images_per_second = float("nan")  # of the last `generate` call, after compilation
 
     def _fn(self, settings: SamplerSettings) -> Callable:
@@ -101,7 +102,7 @@ class Sampler:
                 example_keys=keys, tie_channels=bool(dc.get("tie_channels", False)),
             )
 
-        batch_sh = sharding.batch_sharding(self.mesh)
+        batch_sh = self._batch_sharding
         with self._context():
             jitted = jax.jit(fn, in_shardings=(None, None, batch_sh, batch_sh), out_shardings=batch_sh)
         self._fns[settings] = jitted
@@ -131,9 +132,10 @@ class Sampler:
                 pad = b - (stop - start)
                 c_chunk = np.concatenate([c_chunk, np.repeat(c_chunk[-1:], pad, 0)])
                 k_chunk = np.concatenate([k_chunk, np.repeat(k_chunk[-1:], pad, 0)])
-            with self._context():
-                samples = fn(ema_params, enc_params, c_chunk, k_chunk)
-            out.append(np.asarray(jax.device_get(samples))[: stop - start])
+            with self._context():  # every process holds the whole chunk (a multi-host mesh too)
+                samples = fn(ema_params, enc_params, sharding.global_array(c_chunk, self._batch_sharding),
+                             sharding.global_array(k_chunk, self._batch_sharding))
+            out.append(sharding.to_host(samples)[: stop - start])
             if t_first is None:
                 t_first = time.perf_counter()  # the first chunk includes compilation
             if progress is not None:

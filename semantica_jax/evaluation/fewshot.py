@@ -45,8 +45,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from semantica_jax.evaluation import metrics as metrics_lib
 
@@ -207,16 +209,34 @@ class FeatureCache:
         return os.path.join(self.directory, f"{digest}.npz")
 
     def get_or_compute_arrays(self, key: dict, compute, what: str = "reference features") -> dict[str, np.ndarray]:
-        """The arrays cached under `key`, else `compute()` (a dict of arrays) stored atomically."""
+        """The arrays cached under `key`, else `compute()` (a dict of arrays) stored atomically.
+
+        Several processes (a multi-host eval job): process 0 computes and stores first while the
+        others wait, then they read its file (and compute for themselves only where the cache
+        directory is not shared)."""
         path = self.path(key)
-        if os.path.exists(path):
-            try:
-                with np.load(path) as f:
-                    if json.loads(str(f["key"])) == json.loads(json.dumps(key, sort_keys=True)):
-                        logging.info("%s from cache %s", what[:1].upper() + what[1:], path)
-                        return {k: f[k] for k in f.files if k != "key"}
-            except Exception as e:  # a damaged cache file is recomputed, never trusted
-                logging.warning("Ignoring unreadable feature cache %s: %s", path, e)
+        multihost = jax.process_count() > 1
+        if multihost and jax.process_index() != 0:
+            multihost_utils.sync_global_devices(f"feature cache {os.path.basename(path)}")
+            return self._load(path, key, what) or self._compute_and_store(path, key, compute, what)
+        arrays = self._load(path, key, what) or self._compute_and_store(path, key, compute, what)
+        if multihost:
+            multihost_utils.sync_global_devices(f"feature cache {os.path.basename(path)}")
+        return arrays
+
+    def _load(self, path: str, key: dict, what: str) -> dict[str, np.ndarray] | None:
+        if not os.path.exists(path):
+            return None
+        try:
+            with np.load(path) as f:
+                if json.loads(str(f["key"])) == json.loads(json.dumps(key, sort_keys=True)):
+                    logging.info("%s from cache %s", what[:1].upper() + what[1:], path)
+                    return {k: f[k] for k in f.files if k != "key"}
+        except Exception as e:  # a damaged cache file is recomputed, never trusted
+            logging.warning("Ignoring unreadable feature cache %s: %s", path, e)
+        return None
+
+    def _compute_and_store(self, path: str, key: dict, compute, what: str) -> dict[str, np.ndarray]:
         arrays = {k: np.asarray(v) for k, v in compute().items()}
         os.makedirs(self.directory, exist_ok=True)
         tmp = path + f".tmp{os.getpid()}.npz"

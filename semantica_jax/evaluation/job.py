@@ -16,8 +16,11 @@ exists but fails to restore raises.
 
 The model config comes from each checkpoint (or export); the `eval` section (and nothing else)
 from `--config`. Real reference features are computed once per (eval files, extractor,
-resolution, selection) and cached on disk (`eval.cache_dir`). One host: sampling is sharded
-data-parallel over this host's devices.
+resolution, selection) and cached on disk (`eval.cache_dir`). Sampling is sharded
+data-parallel over every device of the job. Launched on several processes (a multi-host job,
+launch/local_multihost.sh), each samples its share of every batch and all compute the same
+numbers from the gathered samples; process 0 fills the caches first, writes every file and
+decides which checkpoint comes next.
 """
 from __future__ import annotations
 
@@ -27,9 +30,11 @@ import sys
 import time
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from semantica_jax import checkpointing, config_lib, export as export_lib, fileio, images as images_lib, sampling
 from semantica_jax.evaluation import fewshot
@@ -56,7 +61,8 @@ class Progress:
 
     def mark(self, tag: str, result_path: str) -> None:
         self.done[tag] = result_path
-        fileio.write_json(self.path, {"done": self.done})
+        if jax.process_index() == 0:
+            fileio.write_json(self.path, {"done": self.done})
 
 
 def _with_eval_section(model_config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigDict | None):
@@ -229,7 +235,8 @@ class Evaluator:
             result["by_guidance"][f"{float(scale):g}"] = numbers
             grid = self._grid(samples, m)
             grid_path = os.path.join(out_dir, "grids", f"{tag}_g{float(scale):g}.png")
-            images_lib.save_png(grid, grid_path)
+            if jax.process_index() == 0:
+                images_lib.save_png(grid, grid_path)
             numbers["grid"] = grid_path
             logging.info("[%s] %s: %s", tag, settings.describe(),
                          ", ".join(f"{k} {numbers[k]:.4g}" for k in RESULT_KEYS if k in numbers))
@@ -258,10 +265,14 @@ def run_eval_job(eval_config: ml_collections.ConfigDict | None, workdir: str, *,
     """Evaluates the export, or every new checkpoint of `workdir`; returns the results written."""
     from clu import metric_writers
 
+    # Several processes (a multi-host launch): all of them sample, each its share of every batch
+    # on the global mesh, and compute the same numbers; process 0 alone writes files and decides
+    # which checkpoint comes next (`_agreed`), so they stay in step.
+    primary = jax.process_index() == 0
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     progress = Progress(out_dir)
-    writer = metric_writers.create_default_writer(out_dir, asynchronous=False)
+    writer = metric_writers.create_default_writer(out_dir, asynchronous=False, just_logging=not primary)
     results: list[dict] = []
     evaluator: Evaluator | None = None
 
@@ -274,7 +285,8 @@ def run_eval_job(eval_config: ml_collections.ConfigDict | None, workdir: str, *,
             evaluator.check_compatible(config)
         result = evaluator.evaluate(model, out_dir=out_dir, tag=tag, step=step, writer=writer)
         path = os.path.join(out_dir, f"{tag}.json")
-        fileio.write_json(path, result, default=float)
+        if primary:
+            fileio.write_json(path, result, default=float)
         progress.mark(tag, path)
         writer.flush()
         results.append(result)
@@ -302,7 +314,7 @@ def run_eval_job(eval_config: ml_collections.ConfigDict | None, workdir: str, *,
             ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False)
             steps = sorted(ckpt.all_steps())
             ckpt.close()
-        todo = [s for s in steps if not progress.is_done(f"step_{s}")]
+        todo = _agreed([s for s in steps if not progress.is_done(f"step_{s}")])
         for step in todo:
             try:
                 model = export_lib.model_from_checkpoint(workdir, step)
@@ -325,7 +337,7 @@ def run_eval_job(eval_config: ml_collections.ConfigDict | None, workdir: str, *,
             logging.info("Evaluated the final checkpoint (step %d); stopping", final_step)
             break
         idle = float(eval_config.eval.idle_timeout_seconds) if eval_config is not None else 3600.0
-        if time.time() - last_new > idle:
+        if _agreed([int(time.time() - last_new > idle)])[0]:
             logging.info("No new checkpoint for %.0f s; stopping", idle)
             break
         poll = float(eval_config.eval.poll_seconds) if eval_config is not None else 30.0
@@ -333,6 +345,15 @@ def run_eval_job(eval_config: ml_collections.ConfigDict | None, workdir: str, *,
         time.sleep(poll)
     writer.close()
     return results
+
+
+def _agreed(values: list[int]) -> list[int]:
+    """Process 0's list of ints, on every process (itself on a single host)."""
+    if jax.process_count() == 1:
+        return values
+    n = int(multihost_utils.broadcast_one_to_all(np.int64(len(values))))
+    mine = np.asarray(values if jax.process_index() == 0 else [0] * n, np.int64).reshape(n)
+    return [int(v) for v in multihost_utils.broadcast_one_to_all(mine)] if n else []
 
 
 def summary_table(result: dict) -> str:
