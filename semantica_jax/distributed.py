@@ -103,3 +103,22 @@ def maybe_initialize(env: Mapping[str, str] | None = None) -> bool:
     jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Waits until every process reaches `name`, through the coordination
+    service rather than a device collective. Needed before a program's first collective when the
+    processes may arrive far apart (one compiled slower): a CPU collective's first use gives up
+    after 30 s. No-op on one process."""
+    import jax
+
+    global _barriers
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        _barriers += 1  # every process passes the same barriers in the same order
+        multihost.sync_global_processes(f"{name} #{_barriers}", timeout=timeout_s)
+
+
+_barriers = 0
+

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from semantica_jax import diffusion, sharding
+from semantica_jax import diffusion, distributed, sharding
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -70,6 +70,7 @@ class Sampler:
         n_batch = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
         self.batch_size = max(n_batch, int(math.ceil(batch_size / n_batch)) * n_batch)
         self._fns: dict[SamplerSettings, Callable] = {}
+        self._compiled: dict[SamplerSettings, Callable] = {}  # multi-host: compiled ahead
         self._batch_sharding = sharding.batch_sharding(mesh)
         self.images_per_second = float("nan")  # of the last `generate` call, after compilation
 
@@ -133,8 +134,13 @@ class Sampler:
                 c_chunk = np.concatenate([c_chunk, np.repeat(c_chunk[-1:], pad, 0)])
                 k_chunk = np.concatenate([k_chunk, np.repeat(k_chunk[-1:], pad, 0)])
             with self._context():  # every process holds the whole chunk (a multi-host mesh too)
-                samples = fn(ema_params, enc_params, sharding.global_array(c_chunk, self._batch_sharding),
-                             sharding.global_array(k_chunk, self._batch_sharding))
+                args = (ema_params, enc_params, sharding.global_array(c_chunk, self._batch_sharding),
+                        sharding.global_array(k_chunk, self._batch_sharding))
+                if jax.process_count() > 1 and settings not in self._compiled:
+                    # Compiled ahead, then every process waits for the others before the first run.
+                    self._compiled[settings] = fn.lower(*args).compile()
+                    distributed.barrier("sampler compiled")
+                samples = self._compiled.get(settings, fn)(*args)
             out.append(sharding.to_host(samples)[: stop - start])
             if t_first is None:
                 t_first = time.perf_counter()  # the first chunk includes compilation

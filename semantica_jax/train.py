@@ -29,7 +29,7 @@ from clu import metric_writers, metrics, periodic_actions
 from flax.traverse_util import flatten_dict
 from jax.experimental import multihost_utils
 
-from semantica_jax import checkpointing, config_lib, diffusion, fileio, input_pipeline, sharding
+from semantica_jax import checkpointing, config_lib, diffusion, distributed, fileio, input_pipeline, sharding
 from semantica_jax import encoder as encoder_lib
 from semantica_jax import images as images_lib
 from semantica_jax.models import unet as unet_lib
@@ -445,6 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     train_step = trainer.lower_train_step().compile()
     compile_s = time.time() - t0
     logging.info("Compiled the train step in %.1f s", compile_s)
+    distributed.barrier(f"train step compiled (start {start_step})")
     # Traced at their first call, inside trainer.context() (see the loop).
     eval_step = jax.jit(make_eval_step(config, trainer.unet, trainer.encoder))
     sample_fn = jax.jit(make_sample_fn(config, trainer.unet, trainer.encoder))
