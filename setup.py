@@ -25,8 +25,11 @@ setup(
     extras_require={
         # Parity tests build reference models offline with the CPU build of torch 2.13.0.
         # libtpu (via jax[tpu]) lets a test AOT-compile the tiny config for a TPU topology on CPU.
-        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0",
-                 "jax[tpu]==0.10.2", "prdc==0.2", "scikit-learn==1.9.1"],
+        # pytest-xdist: launch/test.sh runs the test files on 2 workers (a file stays on one worker,
+        # so its module fixtures are built once).
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "torch==2.13.0",
+                 "transformers==5.24.0", "safetensors==0.8.0", "jax[tpu]==0.10.2", "prdc==0.2",
+                 "scikit-learn==1.9.1"],
         # Web-scale preprocessing; needs protobuf 6.33.6, which requirements.txt pins.
         "data": ["apache-beam[tfrecord]==2.77.0", "google-crc32c==1.9.0", "pyarrow==25.0.1"],
         # AOT compile for / run on TPU (libtpu 0.0.42.1 matches jax 0.10.2).

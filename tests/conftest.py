@@ -19,3 +19,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # Keep TensorFlow off the accelerator path and quiet; tf.data only needs the CPU.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+# The slowest files first: launch/test.sh runs files on 2 workers in this order
+# (--dist loadfile --no-loadscope-reorder), so the long ones do not start last.
+_SLOW_FIRST = ("test_multihost.py", "test_reliability.py", "test_study.py", "test_evaluation.py",
+               "test_train.py", "test_bench.py", "test_scale.py", "test_models.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept

@@ -378,6 +378,25 @@ def test_export_and_eval_job_on_two_processes_equal_one(setup, reference, tmp_pa
     for g in r1["by_guidance"]:
         n1 = {k: v for k, v in r1["by_guidance"][g].items() if k not in timings}
         n2 = {k: v for k, v in r2["by_guidance"][g].items() if k not in timings}
-        np.testing.assert_equal(n2, n1)  # every number (NaN where a metric does not apply)
+        # Every number, NaN where a metric does not apply. 2 x 2 devices shard the sampler's batch
+        # differently from 1 x 8, so XLA's CPU kernels may round differently in the last bits:
+        # the Frechet distances (a matrix square root) agree to ~1e-7 relative, the rest exactly.
+        _assert_close(n2, n1, f"guidance {g}")
     assert os.path.exists(os.path.join(eval2, "eval", "progress.json"))
     assert len([f for f in os.listdir(os.path.join(eval2, "eval")) if f.startswith("events.out")]) == 1
+
+
+def _assert_close(a, b, where):
+    """Equal structure and strings; numbers equal to 1e-5 relative (NaN equals NaN)."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and a.keys() == b.keys(), (where, a, b)
+        for k in b:
+            _assert_close(a[k], b[k], f"{where}: {k}")
+    elif isinstance(b, (list, tuple)):
+        assert isinstance(a, (list, tuple)) and len(a) == len(b), (where, a, b)
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(b, (int, float)) and not isinstance(b, bool):
+        np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=where)
+    else:
+        assert a == b, (where, a, b)

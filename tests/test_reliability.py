@@ -122,8 +122,11 @@ def test_kill9_mid_save_then_sigterm_then_resume_is_exact(uninterrupted, data_di
     assert rc == 0, out[-3000:]
     assert f"Resumed from checkpoint {ckpt_dir} at step {latest}" in out
     assert "Preempted: checkpoint for step" in out, out[-3000:]
-    # Quiet by default: the project's lines show, Orbax's save internals (INFO) do not.
-    assert "checkpoint_manager.py" not in out and "async_checkpointer.py" not in out, out[-3000:]
+    # Quiet by default: the project's lines show, Orbax's save internals (INFO) do not; its
+    # warnings (e.g. "Waiting for previous save to complete took ...") still reach the user.
+    orbax_info = [ln for ln in out.splitlines() if ln.startswith("I")
+                  and ("checkpoint_manager.py" in ln or "async_checkpointer.py" in ln)]
+    assert not orbax_info, orbax_info
 
     # 3. Resume in-process to the end and compare with the uninterrupted run.
     resumed = train.train_and_evaluate(rel_config(data_dir), workdir)
