@@ -26,16 +26,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from data_pipeline import fashion_mnist, shards  # noqa: E402
-from semantica_jax import input_pipeline  # noqa: E402
+from semantica_jax import cached_tokens, input_pipeline  # noqa: E402
 from semantica_jax.evaluation import metrics  # noqa: E402
 
-_FEATURES = {**shards.FEATURES, **input_pipeline.CACHED_TOKEN_FEATURES}
+_FEATURES = {**shards.FEATURES, **cached_tokens.CACHED_TOKEN_FEATURES}
 
 
 def load(pattern: str, max_images: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pooled [N, D'], tokens [N, T, D], labels [N]) of the first `max_images` images."""
     files = input_pipeline.list_shard_files(pattern)
-    token_shape, pooled_shape = input_pipeline.check_cached_token_files(files)
+    token_shape, pooled_shape = cached_tokens.check_cached_token_files(files)
     pooled, tokens, labels = [], [], []
     for record in tf.data.TFRecordDataset(files):
         page = tf.io.parse_single_example(record, _FEATURES)

@@ -9,6 +9,11 @@ checkpoint that `latest_step()` would pick up. The frozen encoder's weights are 
 checkpoint: the config names them (`encoder.weights`, or the seeded random init), so every save
 stays the size of the trainable state.
 
+Resuming a run also needs the input pipeline's position (`resume_data_position`), a clean stop
+on SIGTERM at a step every process agrees on (`PreemptionWatch`), and, when
+`train.record_data_ids` is set, a log of the pairs consumed that matches the restored step
+(`DataIdsLog`).
+
 Restores go through an abstract target (ShapeDtypeStruct with the *current* shardings), so a
 checkpoint restores onto whatever mesh the restoring job has. A failed restore raises naming the
 path and the reason; nothing ever falls back to a fresh start.
@@ -17,12 +22,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from flax.traverse_util import flatten_dict
 
 from semantica_jax import config_lib
@@ -155,3 +164,80 @@ def check_config_compatible(saved: dict, config: ml_collections.ConfigDict, *, w
             "pass --config.train.allow_config_change=True if this change is intended"
         )
     return keys
+
+
+# ============================================================================ resuming a run
+def resume_data_position(data: dict | None, config, step: int, nproc: int, pid: int) -> tuple[int, int]:
+    """(seed, start_element) for this process's input pipeline when resuming at `step`, from the
+    checkpoint's `data` item: the exact position when the process count and seed are unchanged,
+    otherwise a fresh shuffle seeded by (seed, step), logged with the reason."""
+    if data is not None and data["process_count"] == nproc and data["seed"] == int(config.seed):
+        return int(config.seed), int(data["positions"][pid])
+    reason = ("the checkpoint has no data position" if data is None else
+              f"the process count changed ({data['process_count']} -> {nproc}), so files map to processes differently"
+              if data["process_count"] != nproc else "config.seed changed")
+    seed = int(np.random.SeedSequence([int(config.seed), step]).generate_state(1)[0])
+    logging.warning("Cannot continue the exact pair stream at step %d: %s; continuing with a fresh "
+                    "shuffle seeded by (seed, step) = %d", step, reason, seed)
+    return seed, 0
+
+
+class PreemptionWatch:
+    """SIGTERM -> checkpoint-and-exit at the next step boundary.
+
+    Single host: a SIGTERM handler sets a flag. Multi-host: JAX's preemption sync point, so every
+    host stops at the same step (a flag per host could disagree by a step).
+    """
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag.is_set()
+
+
+class DataIdsLog:
+    """Appends the ids of every pair consumed to <workdir>/data_ids/process_<i>.jsonl.
+
+    On resume, lines past the restored step (written before a crash) are dropped first, so the
+    file always describes the pairs that produced the current state.
+    """
+
+    def __init__(self, workdir: str, pid: int, start_step: int):
+        directory = os.path.join(workdir, "data_ids")
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, f"process_{pid}.jsonl")
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = f.readlines()
+            if lines and not lines[-1].endswith("\n"):
+                lines.pop()  # a line cut by a kill mid-write: its step is past any checkpoint
+            kept = [ln for ln in lines if json.loads(ln)["step"] <= start_step]
+            if len(kept) < len(lines):  # rewritten atomically: a kill now loses no kept line
+                tmp = f"{self.path}.tmp{os.getpid()}"
+                with open(tmp, "w") as f:
+                    f.writelines(kept)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+        self._f = open(self.path, "a")
+
+    def write(self, step: int, batch: dict) -> None:
+        row = {"step": step, **{k: batch[k].tolist() for k in ("page_hash", "cond_index", "target_index")}}
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()  # a kill -9 must not lose lines of steps that a checkpoint covers
+
+    def close(self) -> None:
+        self._f.close()

@@ -4,13 +4,17 @@ Experiment files in `experiments/` call `default_config()` and override fields; 
 defines config keys, so an unknown key (e.g. `--config.model.chanels=...`) fails by name
 (ml_collections raises on unknown attributes of a locked ConfigDict).
 
-Also holds the size ladders (denoiser tiny/S/B/L, encoder tiny/S/B/L/g) and the
-`variant` mini-language parser used by `get_config(arg)` (big_vision style:
-`experiments/semantica_base.py:size=B,res=128`).
+Also holds the `variant` mini-language parser used by `get_config(arg)` (big_vision style:
+`experiments/semantica_base.py:size=B,res=128`), `load_config_file` (a config file spec -> its
+config, for the tools that take `--config=` without absl flags) and `config_from_dict` (a saved
+config back onto the schema). The size ladders live with their models (`models.unet.SIZES`,
+`models.vit.SIZES`).
 """
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -265,6 +269,25 @@ def check_variant_keys(variant: dict[str, Any], allowed: set[str], config_name: 
         raise ValueError(
             f"{config_name}: unknown variant key(s) {unknown}; allowed: {sorted(allowed)}"
         )
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`experiments/X.py[:variant]` -> its `get_config(variant)`, as `--config` flags load it.
+
+    A missing file or a variant the file rejects (ValueError) raises ConfigError naming `spec`.
+    """
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location("_semantica_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"{spec}: {path} is not a Python config file")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except ValueError as e:
+        raise ConfigError(f"{spec}: {e}") from e
 
 
 def config_from_dict(saved: dict, *, where: str) -> ml_collections.ConfigDict:

@@ -7,14 +7,14 @@ the encoder forward in every training step (and lets data filtering read pooled 
       --src='data/fashion_mnist_pages/train-*.tfrecord' --out_dir=data/fashion_mnist_tokens
 
 Output: for every source shard a file of the SAME name in `--out_dir` holding the same records in
-the same order, each extended by `input_pipeline.CACHED_TOKEN_FEATURES`: per image a float16
+the same order, each extended by `cached_tokens.CACHED_TOKEN_FEATURES`: per image a float16
 [T, D] `tokens` blob (CLS, registers, patches, exactly what `FrozenEncoder.encode` returns) and a
 float16 [D'] `pooled` blob, plus `token_shape` / `pooled_shape`. `out_dir/embed_cache.json`
-records the encoder identity (`input_pipeline.cached_tokens_identity`: architecture, resolution,
+records the encoder identity (`cached_tokens.cached_tokens_identity`: architecture, resolution,
 weights), the shapes and, per file, the record and image counts. Then train with
 `--config.data.train_files='OUT_DIR/train-*.tfrecord' --config.encoder.cached_tokens=True`.
 
-Images go through the pipeline's own decode and resize (`input_pipeline._decode`, `_resize`:
+Images go through the pipeline's own decode and resize (`image_ops.decode`, `_resize`:
 antialiased bicubic to `config.encoder.image_size`, [0, 1]), so cached tokens equal the in-graph
 encoder's tokens of the pipeline's `cond` images (up to float16 rounding). The encoder runs in
 float32, jitted, on fixed-size batches sharded over all local devices (the last batch of a file is
@@ -46,7 +46,7 @@ from absl import logging  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from data_pipeline import shards  # noqa: E402
-from semantica_jax import config_lib, fileio, input_pipeline, sharding  # noqa: E402
+from semantica_jax import cached_tokens, config_lib, fileio, image_ops, input_pipeline, sharding  # noqa: E402
 from semantica_jax import encoder as encoder_lib  # noqa: E402
 
 CACHE_FORMAT = "semantica_jax.embed_cache/1"
@@ -107,7 +107,7 @@ def _pages_with_images(path: str, image_size: int) -> tf.data.Dataset:
     def decode(record):
         page = shards.parse_page(record)
         images = tf.map_fn(
-            lambda b: input_pipeline._resize(input_pipeline._decode(b), image_size),
+            lambda b: image_ops.resize(image_ops.decode(b), image_size),
             page["images"], fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )
         return record, images
@@ -191,8 +191,8 @@ def build_cache(
         share a name, or `out_dir` is a source directory.
     """
     files, names, out_dir = input_pipeline.mirror_sources(src, out_dir, "--src")
-    stats_path = os.path.join(out_dir, input_pipeline.EMBED_CACHE_STATS)
-    identity = input_pipeline.cached_tokens_identity(encoder_config)
+    stats_path = os.path.join(out_dir, cached_tokens.EMBED_CACHE_STATS)
+    identity = cached_tokens.cached_tokens_identity(encoder_config)
     stats: dict[str, Any] = {"format": CACHE_FORMAT, "encoder": identity, "files": {}}
     if tf.io.gfile.exists(stats_path):
         with tf.io.gfile.GFile(stats_path) as f:
@@ -235,7 +235,7 @@ def build_cache(
 
 
 def _shapes(path: str) -> dict[str, list[int]]:
-    token_shape, pooled_shape = input_pipeline.check_cached_token_files([path])
+    token_shape, pooled_shape = cached_tokens.check_cached_token_files([path])
     return {"token_shape": token_shape, "pooled_shape": pooled_shape, "dtype": "float16"}
 
 

@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from semantica_jax import checkpointing, config_lib, input_pipeline, sharding
+from semantica_jax import cached_tokens, checkpointing, config_lib, sharding
 
 FORMAT = "semantica_jax.export"
 VERSION = 1
@@ -94,7 +94,7 @@ def eval_mesh_config(config: ml_collections.ConfigDict) -> ml_collections.Config
 
 def encoder_reference(encoder_config) -> dict:
     """What identifies the frozen encoder (config fields + weights path/size or builtin name)."""
-    return input_pipeline.cached_tokens_identity(encoder_config)
+    return cached_tokens.cached_tokens_identity(encoder_config)
 
 
 def abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):

@@ -46,8 +46,8 @@ Images
   scaled to [0, 1] and clipped. Shrinking (both sides >= the target size) uses
   ``method='area'`` (a box-filter average: antialiased, and ~3x cheaper than antialiased
   bicubic, which cost more than the JPEG decode itself); enlarging uses
-  ``method='bicubic', antialias=True``. The same `_resize` serves training, the token cache,
-  the eval job and `vary`. With ``jpeg_dct_scaling`` (default) a JPEG target is decoded at the largest DCT
+  ``method='bicubic', antialias=True``. The same `image_ops.resize` serves training, the token
+  cache, the eval job and `vary`. With ``jpeg_dct_scaling`` (default) a JPEG target is decoded at the largest DCT
   scale 1/2, 1/4 or 1/8 whose shorter side is still >= ``image_size`` (libjpeg's scaled IDCT,
   a box-like prefilter) before that resize: cheaper, and the pixels differ slightly from a full
   decode (mean |diff| ~2/255 at 64 px on noisy photos); the condition is always decoded in
@@ -79,8 +79,8 @@ With ``config.encoder.cached_tokens=True`` (shards augmented by `semantica_jax.e
 
 Cached tokens
   `semantica_jax.embed_cache` writes shards that mirror the page shards record for record and add
-  `CACHED_TOKEN_FEATURES` (one float16 blob per image) plus an `embed_cache.json` recording the
-  encoder config that produced them. With `cached_tokens` the pipeline parses those features and
+  `cached_tokens.CACHED_TOKEN_FEATURES` (one float16 blob per image) plus an `embed_cache.json`
+  recording the encoder config that produced them (`cached_tokens` holds that contract). With `cached_tokens` the pipeline parses those features and
   emits the condition image's tokens (for 'reconstruction' the same index as the target). Every
   file's first record is checked up front (a file without the features raises naming it), and
   `create_*_dataset` check the recorded encoder against `config.encoder` (a mismatch names the
@@ -89,7 +89,6 @@ Cached tokens
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -97,24 +96,18 @@ from typing import Any
 import tensorflow as tf
 
 from data_pipeline import shards
+from semantica_jax import image_ops
+from semantica_jax.cached_tokens import (
+    CACHED_TOKEN_FEATURES, PAIR_SIM_FEATURE, check_cache_identity, check_cached_token_files,
+    check_pair_sim_files, decode_blob,
+)
+from semantica_jax.image_ops import TARGET_FITS
 
 PAIRINGS = ("pairs", "reconstruction")
 PAIR_FILTERS = ("none", "similarity")
-TARGET_FITS = ("resize", "pad")
-# Feature added to page records by semantica_jax.similarity: the page's n x n cosine
-# similarities (row-major float32), see the module docstring.
-PAIR_SIM_FEATURE = "pair_sim"
 PAGE_HASH_BUCKETS = 2**62
 _MAX_INTERLEAVE = 16  # files read concurrently
 _MAX_EPOCHS = 2**62  # "repeat forever"
-# Features added to page records by semantica_jax.embed_cache (one value per image of the page).
-CACHED_TOKEN_FEATURES: dict[str, Any] = {
-    "tokens": tf.io.RaggedFeature(tf.string),  # float16 [T, D] blob per image, little-endian
-    "pooled": tf.io.RaggedFeature(tf.string),  # float16 [D'] blob per image
-    "token_shape": tf.io.FixedLenFeature([2], tf.int64),  # [T, D]
-    "pooled_shape": tf.io.FixedLenFeature([1], tf.int64),  # [D']
-}
-EMBED_CACHE_STATS = "embed_cache.json"  # next to the augmented shards
 
 
 # --------------------------------------------------------------------------- files
@@ -342,18 +335,18 @@ def make_pair_dataset(
             target_img = (
                 cond_img if pairing == "reconstruction" else _cached_image(page, target_index)
             )
-            target = _resize(target_img, image_size, target_fit)
-            cond = _resize(cond_img, cond_image_size)
+            target = image_ops.resize(target_img, image_size, target_fit)
+            cond = image_ops.resize(cond_img, cond_image_size)
         else:
-            cond_u8 = _decode_u8(page["images"][cond_index])
+            cond_u8 = image_ops.decode_u8(page["images"][cond_index])
             if pairing == "reconstruction":
                 target_u8 = cond_u8
             elif jpeg_dct_scaling:
-                target_u8 = _decode_u8_at_least(page["images"][target_index], image_size)
+                target_u8 = image_ops.decode_u8_at_least(page["images"][target_index], image_size)
             else:
-                target_u8 = _decode_u8(page["images"][target_index])
-            target = _resize_u8(target_u8, image_size, target_fit)
-            cond = _resize_u8(cond_u8, cond_image_size)
+                target_u8 = image_ops.decode_u8(page["images"][target_index])
+            target = image_ops.resize_u8(target_u8, image_size, target_fit)
+            cond = image_ops.resize_u8(cond_u8, cond_image_size)
         pair = {
             "target": target * 2.0 - 1.0,
             "cond": cond,
@@ -364,8 +357,8 @@ def make_pair_dataset(
             "element_index": counter,
         }
         if cached_tokens:
-            pair["cond_tokens"] = _decode_blob(page["tokens"][cond_index], token_shape)
-            pair["cond_pooled"] = _decode_blob(page["pooled"][cond_index], pooled_shape)
+            pair["cond_tokens"] = decode_blob(page["tokens"][cond_index], token_shape)
+            pair["cond_pooled"] = decode_blob(page["pooled"][cond_index], pooled_shape)
         return pair
 
     ds = ds.map(make_pair, num_parallel_calls=parallel, deterministic=True)
@@ -550,90 +543,6 @@ def _choose_indices(
     return tf.cast(cond, tf.int32), tf.cast(target, tf.int32)
 
 
-def _decode(encoded: tf.Tensor) -> tf.Tensor:
-    """Encoded image bytes -> float32 [H, W, 3] in [0, 1]."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    return tf.image.convert_image_dtype(image, tf.float32)
-
-
-def _decode_u8(encoded: tf.Tensor) -> tf.Tensor:
-    """Encoded image bytes -> uint8 [H, W, 3]."""
-    return tf.io.decode_image(encoded, channels=3, expand_animations=False)
-
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_DCT_RATIOS = (1, 2, 4, 8)
-
-
-def _decode_u8_at_least(encoded: tf.Tensor, size: int) -> tf.Tensor:
-    """uint8 [H', W', 3]: a JPEG decoded at the largest DCT scale 1/r (r in 1, 2, 4, 8) whose
-    shorter side ceil(min(H, W) / r) is still >= `size` (libjpeg scales in the DCT domain, much
-    cheaper than decoding full size and resizing); other formats fully decoded."""
-
-    def jpeg() -> tf.Tensor:
-        shape = tf.image.extract_jpeg_shape(encoded)
-        short = tf.minimum(shape[0], shape[1])
-        branch = tf.constant(0, tf.int32)
-        for k, r in enumerate(_DCT_RATIOS[1:], start=1):
-            branch = tf.where((short + r - 1) // r >= size, k, branch)
-        return tf.switch_case(branch, [
-            functools.partial(tf.io.decode_jpeg, encoded, channels=3, ratio=r)
-            for r in _DCT_RATIOS])
-
-    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC)
-    return tf.cond(is_jpeg, jpeg, lambda: _decode_u8(encoded))
-
-
-def _square_resize(image: tf.Tensor, size: int) -> tf.Tensor:
-    """[H, W, C] -> float32 [size, size, C]: box-filter ('area') when shrinking both sides,
-    antialiased bicubic otherwise (enlarging, or mixed)."""
-    shape = tf.shape(image)
-    shrink = tf.logical_and(shape[0] >= size, shape[1] >= size)
-    return tf.cond(
-        shrink,
-        lambda: tf.image.resize(image, [size, size], method="area"),
-        lambda: tf.image.resize(image, [size, size], method="bicubic", antialias=True),
-    )
-
-
-def _square_fit(image: tf.Tensor, size: int, fit: str) -> tf.Tensor:
-    """`_square_resize`, or with fit='pad' an image no larger than `size` on both sides centred
-    on a black canvas without resampling (larger images are resized as with 'resize')."""
-    if fit == "resize":
-        return _square_resize(image, size)
-    if fit != "pad":
-        raise ValueError(f"data.target_fit={fit!r}; expected one of {TARGET_FITS}")
-    shape = tf.shape(image)
-    fits = tf.logical_and(shape[0] <= size, shape[1] <= size)
-
-    def pad():
-        top, left = (size - shape[0]) // 2, (size - shape[1]) // 2
-        return tf.image.pad_to_bounding_box(tf.cast(image, tf.float32), top, left, size, size)
-
-    return tf.cond(fits, pad, lambda: _square_resize(image, size))
-
-
-def _resize_u8(image: tf.Tensor, size: int, fit: str = "resize") -> tf.Tensor:
-    """uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 1]; equals `_resize(_decode(...))` up to
-    float rounding (the resize is linear), without a full-size float conversion pass."""
-    image = _square_fit(image, size, fit)
-    image = tf.clip_by_value(image * (1.0 / 255.0), 0.0, 1.0)
-    return tf.ensure_shape(image, [size, size, 3])
-
-
-def _resize(image: tf.Tensor, size: int, fit: str = "resize") -> tf.Tensor:
-    image = _square_fit(image, size, fit)
-    image = tf.clip_by_value(image, 0.0, 1.0)
-    return tf.ensure_shape(image, [size, size, 3])
-
-
-def target_image(encoded: tf.Tensor, size: int, fit: str = "resize") -> tf.Tensor:
-    """Encoded image bytes -> float32 [size, size, 3] in [-1, 1], prepared exactly as training
-    targets are (`data.image_size`, `data.target_fit`): the eval set, the judge and the
-    memorisation reference use it."""
-    return _resize(_decode(encoded), size, fit) * 2.0 - 1.0
-
-
 def _decode_all(page: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """Decodes every image of a page into flat uint8 pixels + per-image shapes (cacheable)."""
 
@@ -664,120 +573,3 @@ def _cached_image(page: dict[str, tf.Tensor], index: tf.Tensor) -> tf.Tensor:
     start, stop = page["offsets"][index], page["offsets"][index + 1]
     image = tf.reshape(page["pixels"][start:stop], page["shapes"][index])
     return tf.image.convert_image_dtype(image, tf.float32)
-
-
-# --------------------------------------------------------------------------- cached encoder tokens
-
-# config.encoder fields that determine the cached tokens (the cache is always computed in float32,
-# so `encoder.dtype` is not among them).
-CACHE_IDENTITY_FIELDS = (
-    "family", "size", "width", "depth", "num_heads", "mlp_dim", "ffn", "patch_size", "image_size",
-    "pretrain_image_size", "pos_interpolation", "num_registers", "layerscale_init", "ln_eps",
-    "activation", "projection_dim", "mean", "std",
-)
-
-
-def cached_tokens_identity(encoder_config: Any) -> dict[str, Any]:
-    """What identifies the tokens an encoder config produces (JSON-able; pure config, no JAX):
-    the `CACHE_IDENTITY_FIELDS`, the weights (absolute path and size, or the builtin name) and,
-    for a random init, its seed."""
-    ident: dict[str, Any] = {}
-    for key in CACHE_IDENTITY_FIELDS:
-        value = encoder_config[key]
-        ident[key] = [float(v) for v in value] if isinstance(value, (list, tuple)) else value
-    weights = encoder_config.weights
-    if weights and os.path.exists(weights):
-        ident["weights"] = os.path.abspath(weights)
-        ident["weights_bytes"] = os.path.getsize(weights)
-    else:
-        ident["weights"] = weights
-        ident["weights_bytes"] = None
-    ident["init_seed"] = None if weights else int(encoder_config.init_seed)
-    return ident
-
-
-def check_cached_token_files(files: Sequence[str]) -> tuple[list[int], list[int]]:
-    """Checks the first record of every file for `CACHED_TOKEN_FEATURES`; returns the common
-    ([T, D], [D']) token and pooled shapes.
-
-    Raises:
-      ValueError: naming the first file whose records lack the features (not built by
-        `python -m semantica_jax.embed_cache`) or whose shapes differ from the first file's.
-    """
-    shapes: tuple[list[int], list[int]] | None = None
-    first_file = None
-    for path in files:
-        for record in tf.data.TFRecordDataset(path).take(1):
-            example = tf.train.Example.FromString(record.numpy())
-            feats = example.features.feature
-            missing = [k for k in CACHED_TOKEN_FEATURES if k not in feats]
-            if missing:
-                raise ValueError(
-                    f"{path} has no cached encoder tokens (features {missing} missing) but "
-                    "config.encoder.cached_tokens=True: build them with `python -m "
-                    "semantica_jax.embed_cache --config=... --src=... --out_dir=...` and point "
-                    "config.data.*_files at the output"
-                )
-            found = (list(feats["token_shape"].int64_list.value),
-                     list(feats["pooled_shape"].int64_list.value))
-            if shapes is None:
-                shapes, first_file = found, path
-            elif found != shapes:
-                raise ValueError(
-                    f"{path}: cached token shapes {found} differ from {shapes} in {first_file}"
-                )
-    if shapes is None:
-        raise ValueError(f"no records in any of {len(files)} cached-token files ({files[:3]})")
-    return shapes
-
-
-def check_pair_sim_files(files: Sequence[str]) -> None:
-    """Checks that every file's first record has `PAIR_SIM_FEATURE` (pair_filter='similarity').
-
-    Raises:
-      ValueError: naming the first file without it (not written by semantica_jax.similarity).
-    """
-    for path in files:
-        for record in tf.data.TFRecordDataset(path).take(1):
-            feats = tf.train.Example.FromString(record.numpy()).features.feature
-            if PAIR_SIM_FEATURE not in feats:
-                raise ValueError(
-                    f"{path} has no '{PAIR_SIM_FEATURE}' feature but config.data.pair_filter="
-                    "'similarity': compute it with `python -m semantica_jax.similarity "
-                    "--shards=... --out_dir=...` and point config.data.*_files at the output"
-                )
-
-
-def check_cache_identity(files: Sequence[str], encoder_config: Any) -> None:
-    """Checks the `embed_cache.json` next to each file against `config.encoder`.
-
-    Raises:
-      ValueError: naming the directory when it has no `embed_cache.json`, or the fields whose
-        recorded value differs from `config.encoder` (tokens from another encoder).
-    """
-    want = cached_tokens_identity(encoder_config)
-    for directory in sorted({os.path.dirname(os.path.abspath(f)) for f in files}):
-        path = os.path.join(directory, EMBED_CACHE_STATS)
-        if not tf.io.gfile.exists(path):
-            raise ValueError(
-                f"{directory} has no {EMBED_CACHE_STATS}: these shards were not built by "
-                "semantica_jax.embed_cache, so their tokens cannot be checked against "
-                "config.encoder"
-            )
-        with tf.io.gfile.GFile(path) as f:
-            recorded = json.load(f)["encoder"]
-        diff = [k for k in sorted(set(want) | set(recorded)) if want.get(k) != recorded.get(k)]
-        if diff:
-            details = ", ".join(
-                f"{k}: cache {recorded.get(k)!r} vs config {want.get(k)!r}" for k in diff
-            )
-            raise ValueError(
-                f"cached tokens in {directory} were computed with another encoder than "
-                f"config.encoder ({details}); rebuild them with semantica_jax.embed_cache"
-            )
-
-
-def _decode_blob(blob: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
-    """A little-endian float16 blob -> float32 tensor of static `shape`."""
-    values = tf.io.decode_raw(blob, tf.float16, little_endian=True)
-    return tf.cast(tf.reshape(values, shape), tf.float32)

@@ -14,7 +14,7 @@ what each setting keeps, so thresholds are chosen from data rather than guessed:
 Output (``--out_dir``)
   Mirror shards: every input file, same name, same records in the same order, each extended by
   ``pair_sim``: the page's full n x n cosine-similarity matrix of the encoder's pooled embeddings
-  (float32, row-major; ``input_pipeline.PAIR_SIM_FEATURE``). Training applies
+  (float32, row-major; ``cached_tokens.PAIR_SIM_FEATURE``). Training applies
   ``config.data.pair_filter='similarity'`` with ``data.sim_low <= s <= data.sim_high`` in tf.data,
   so one set of shards serves training with and without the filter and every threshold.
   ``--drop_unpaired`` instead drops, at build time, pages without a pair in [--low, --high]
@@ -50,9 +50,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from semantica_jax import fileio, input_pipeline  # noqa: E402
+from semantica_jax import cached_tokens, config_lib, fileio, input_pipeline  # noqa: E402
 
-SIM_FEATURE = input_pipeline.PAIR_SIM_FEATURE
+SIM_FEATURE = cached_tokens.PAIR_SIM_FEATURE
 REPORT_JSON = "similarity.json"
 HIST_PNG = "similarity_hist.png"
 PAIRS_PNG = "similarity_pairs.png"
@@ -235,7 +235,7 @@ def compute(
         "inputs": inputs, "low": low, "high": high, "sweep": bool(sweep),
         "sweep_low": list(sweep_low) if sweep else None,
         "sweep_high": list(sweep_high) if sweep else None, "drop_unpaired": bool(drop_unpaired),
-        "encoder": (input_pipeline.cached_tokens_identity(encoder_config)
+        "encoder": (cached_tokens.cached_tokens_identity(encoder_config)
                     if encoder_config is not None else None),
         "seed": seed,
     }
@@ -253,7 +253,7 @@ def compute(
     cache_dirs = set()
     for path, name in zip(files, names):
         src_dir = os.path.dirname(os.path.abspath(path))
-        if tf.io.gfile.exists(os.path.join(src_dir, input_pipeline.EMBED_CACHE_STATS)):
+        if tf.io.gfile.exists(os.path.join(src_dir, cached_tokens.EMBED_CACHE_STATS)):
             cache_dirs.add(src_dir)
         dst = os.path.join(out_dir, name)
         tmp = dst + ".incomplete"
@@ -281,8 +281,8 @@ def compute(
         print(f"[similarity] {name}: {tally.pages} pages so far ({time.time() - t0:.1f} s)",
               file=sys.stderr, flush=True)
     if len(cache_dirs) == 1:  # keep cached tokens usable from the mirror shards
-        shutil.copy(os.path.join(cache_dirs.pop(), input_pipeline.EMBED_CACHE_STATS),
-                    os.path.join(out_dir, input_pipeline.EMBED_CACHE_STATS))
+        shutil.copy(os.path.join(cache_dirs.pop(), cached_tokens.EMBED_CACHE_STATS),
+                    os.path.join(out_dir, cached_tokens.EMBED_CACHE_STATS))
     report = _report(tally, settings, low, high, shards, files, encoder_config, drop_unpaired,
                      dropped_unpaired, time.time() - t0)
     report["request"] = request
@@ -320,7 +320,7 @@ def _report(tally: _Tally, settings, low, high, shards, files, encoder_config, d
 
     hist = tally.fine.reshape(_HIST_BINS, -1).sum(axis=1)
     if encoder_config is not None:
-        encoder = input_pipeline.cached_tokens_identity(encoder_config)
+        encoder = cached_tokens.cached_tokens_identity(encoder_config)
     else:
         encoder = "cached pooled embeddings (see embed_cache.json next to the input shards)"
     return {
@@ -501,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoder_config = None
     try:
         if args.config:
-            encoder_config = _load_config(args.config).encoder
+            encoder_config = config_lib.load_config_file(args.config).encoder
         report = compute(
             args.shards, args.out_dir, low=args.low, high=args.high, sweep=args.sweep,
             sweep_low=args.sweep_low, sweep_high=args.sweep_high, encoder_config=encoder_config,
@@ -524,19 +524,6 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"--config.data.pair_filter=similarity --config.data.sim_low={args.low:g} "
           f"--config.data.sim_high={args.high:g}")
     return 0
-
-
-def _load_config(spec: str):
-    """`path/to/config.py[:variant]` -> its get_config(variant)."""
-    import importlib.util
-
-    path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_similarity_config", path)
-    if module_spec is None or module_spec.loader is None:
-        raise FileNotFoundError(f"--config={spec!r}: cannot load {path}")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant or None)
 
 
 def run() -> None:

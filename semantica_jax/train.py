@@ -9,11 +9,8 @@ optimised, not checkpointed) -> UNet denoiser cross-attending to them -> v/eps/x
 """
 import dataclasses
 import itertools
-import json
 import math
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -29,7 +26,7 @@ from clu import metric_writers, metrics, periodic_actions
 from flax.traverse_util import flatten_dict
 from jax.experimental import multihost_utils
 
-from semantica_jax import checkpointing, config_lib, diffusion, distributed, fileio, input_pipeline, sharding
+from semantica_jax import checkpointing, config_lib, diffusion, distributed, fileio, input_pipeline, optim, sharding
 from semantica_jax import encoder as encoder_lib
 from semantica_jax import images as images_lib
 from semantica_jax.models import unet as unet_lib
@@ -64,39 +61,6 @@ class TrainOutcome:
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-# ============================================================================ optimizer
-def make_optimizer(oc: ml_collections.ConfigDict, num_steps: int):
-    """AdamW with linear warm-up, then constant or cosine decay; global-norm clipping."""
-    warmup = max(int(oc.warmup_steps), 0)
-    if oc.decay == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, oc.learning_rate, max(warmup, 1), max(num_steps, warmup + 1), end_value=0.0
-        )
-    elif oc.decay == "constant":
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, oc.learning_rate, max(warmup, 1)),
-             optax.constant_schedule(oc.learning_rate)],
-            [warmup],
-        )
-    else:
-        raise ValueError(f"config.optimizer.decay={oc.decay!r}; expected 'constant' or 'cosine'")
-    # Decay only matrices/kernels, not biases, norm scales or null tokens.
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-    chain = []
-    if oc.grad_clip_norm and oc.grad_clip_norm > 0:
-        chain.append(optax.clip_by_global_norm(oc.grad_clip_norm))
-    chain.append(
-        optax.adamw(schedule, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay, mask=decay_mask)
-    )
-    return optax.chain(*chain), schedule
-
-
-def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
-    """EMA decay with the usual warm-up min(decay, (1 + step) / (10 + step))."""
-    step = step.astype(jnp.float32)
-    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 # ============================================================================ the update step
@@ -139,7 +103,7 @@ def make_train_step(config, unet: nn.Module, encoder: encoder_lib.FrozenEncoder,
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         grad_norm = optax.tree.norm(grads)
-        d = ema_decay_at(state.step, config.optimizer.ema_decay)
+        d = optim.ema_decay_at(state.step, config.optimizer.ema_decay)
 
         def update(params, ema_params, opt_state):
             updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -330,7 +294,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
     rules = sharding.axis_rules(config)
     encoder = encoder_lib.FrozenEncoder.from_config(config.encoder)
     unet = unet_lib.unet_from_config(config.model, platform=mesh.devices.flat[0].platform)
-    tx, lr_schedule = make_optimizer(config.optimizer, int(config.train.num_steps))
+    tx, lr_schedule = optim.make_optimizer(config.optimizer, int(config.train.num_steps))
     size, cond_size = config.data.image_size, config.encoder.image_size
 
     # No eager op may run inside the mesh context: the mesh may hold compile-only devices.
@@ -421,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if changed:
             logging.warning("Resuming with changed config fields (allowed): %s", changed)
         state = ckpt.restore(latest, trainer.abstract_state)
-        data_seed, start_element = _resume_data_position(ckpt.restore_data(latest), config, latest, nproc, pid)
+        data_seed, start_element = checkpointing.resume_data_position(ckpt.restore_data(latest), config, latest, nproc, pid)
         checkpointing.log_restore(latest, ckpt.directory)
     else:
         state = trainer.init_state(jax.random.PRNGKey(config.seed))
@@ -438,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         eval_ds = input_pipeline.create_eval_dataset(
             config, process_index=pid, process_count=nproc, batch_size=local_batch_size)
     grid_conds = _grid_conditions(config, local_batch_size)
-    ids_log = _DataIdsLog(workdir, pid, start_step) if tc.record_data_ids else None
+    ids_log = checkpointing.DataIdsLog(workdir, pid, start_step) if tc.record_data_ids else None
 
     # ------------------------------------------------------------------ compile the step
     t0 = time.time()
@@ -506,7 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     if start_step >= num_steps:
         logging.info("Nothing to train: checkpoint step %d >= num_steps %d", start_step, num_steps)
-    with _PreemptionWatch() as preemption:
+    with checkpointing.PreemptionWatch() as preemption:
         for step in range(start_step + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 host_batch = next(train_iter)
@@ -574,80 +538,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         fileio.write_json(os.path.join(workdir, "metrics.json"), summary)
     writer.close()
     return TrainOutcome(state=state, start_step=start_step, summary=summary)
-
-
-def _resume_data_position(data: dict | None, config, step: int, nproc: int, pid: int) -> tuple[int, int]:
-    """(seed, start_element) for the input pipeline of a resumed run."""
-    if data is not None and data["process_count"] == nproc and data["seed"] == int(config.seed):
-        return int(config.seed), int(data["positions"][pid])
-    reason = ("the checkpoint has no data position" if data is None else
-              f"the process count changed ({data['process_count']} -> {nproc}), so files map to processes differently"
-              if data["process_count"] != nproc else "config.seed changed")
-    seed = int(np.random.SeedSequence([int(config.seed), step]).generate_state(1)[0])
-    logging.warning("Cannot continue the exact pair stream at step %d: %s; continuing with a fresh "
-                    "shuffle seeded by (seed, step) = %d", step, reason, seed)
-    return seed, 0
-
-
-class _PreemptionWatch:
-    """SIGTERM -> checkpoint-and-exit at the next step boundary.
-
-    Single host: a SIGTERM handler sets a flag. Multi-host: JAX's preemption sync point, so every
-    host stops at the same step (a flag per host could disagree by a step).
-    """
-
-    def __init__(self):
-        self._flag = threading.Event()
-        self._previous = None
-
-    def __enter__(self):
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._flag.is_set()
-
-
-class _DataIdsLog:
-    """Appends the ids of every pair consumed to <workdir>/data_ids/process_<i>.jsonl.
-
-    On resume, lines past the restored step (written before a crash) are dropped first, so the
-    file always describes the pairs that produced the current state.
-    """
-
-    def __init__(self, workdir: str, pid: int, start_step: int):
-        directory = os.path.join(workdir, "data_ids")
-        os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory, f"process_{pid}.jsonl")
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                lines = f.readlines()
-            if lines and not lines[-1].endswith("\n"):
-                lines.pop()  # a line cut by a kill mid-write: its step is past any checkpoint
-            kept = [ln for ln in lines if json.loads(ln)["step"] <= start_step]
-            if len(kept) < len(lines):  # rewritten atomically: a kill now loses no kept line
-                tmp = f"{self.path}.tmp{os.getpid()}"
-                with open(tmp, "w") as f:
-                    f.writelines(kept)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-        self._f = open(self.path, "a")
-
-    def write(self, step: int, batch: dict) -> None:
-        row = {"step": step, **{k: batch[k].tolist() for k in ("page_hash", "cond_index", "target_index")}}
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()  # a kill -9 must not lose lines of steps that a checkpoint covers
-
-    def close(self) -> None:
-        self._f.close()
 
 
 # ============================================================================ loop helpers

@@ -31,7 +31,7 @@ def load_image(path: str, size: int, fit: str = "resize") -> np.ndarray:
     pad with fit='pad' as `data.target_fit` does)."""
     import tensorflow as tf
 
-    from semantica_jax import input_pipeline as ip
+    from semantica_jax import image_ops
 
     if not os.path.isfile(path):
         raise VaryError(f"{path}: no such file")
@@ -46,7 +46,7 @@ def load_image(path: str, size: int, fit: str = "resize") -> np.ndarray:
     side = min(h, w)
     image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
     image = tf.image.convert_image_dtype(image, tf.float32)
-    return ip._resize(image, size, fit).numpy()
+    return image_ops.resize(image, size, fit).numpy()
 
 
 def vary(export_dir: str, image_paths: Sequence[str], *, num: int, steps: int, guidance: float,

@@ -198,7 +198,7 @@ def eval_worker(request_path: str) -> int:
     req = read_json(request_path)
     workdir, step = req["workdir"], int(req["step"])
     try:
-        config = job.load_config_file(req["config"])
+        config = config_lib.load_config_file(req["config"])
         apply_overrides(config, req["overrides"])  # all of them: the fingerprint matches the runner's
         export_dir = os.path.join(workdir, "export")
         t0 = time.time()

@@ -198,10 +198,10 @@ def arm_dir(out: str, arm: dict | str, seed: int) -> str:
 
 def load_arm_config(arm: dict, overrides: dict):
     """The arm's experiment config with all overrides (validates keys before anything runs)."""
-    from semantica_jax.evaluation import job
+    from semantica_jax import config_lib
 
     try:
-        config = job.load_config_file(arm["config"])
+        config = config_lib.load_config_file(arm["config"])
     except Exception as e:  # noqa: BLE001  (a config file's own errors, named)
         raise StudyError(f"arm {arm['name']}: config {arm['config']}: {e}") from e
     apply_overrides(config, overrides)

@@ -46,7 +46,7 @@ from ml_collections import config_flags  # noqa: E402
 from semantica_jax import config_lib, convert_encoder  # noqa: E402
 from semantica_jax import encoder as encoder_lib  # noqa: E402
 from semantica_jax import converters, encoder_weights  # noqa: E402
-from semantica_jax.models import vit  # noqa: E402
+from semantica_jax.models import pos_embed, vit  # noqa: E402
 
 TOL = 1e-4
 SIZE = 16
@@ -321,16 +321,16 @@ def test_resize_pos_grid_matches_torch():
                                    ((50, 20), "bicubic", False), ((16, 16), "antialias", True)]:
         ref = torch.nn.functional.interpolate(nchw, size=new, mode="bicubic", align_corners=False,
                                               antialias=antialias).numpy().transpose(0, 2, 3, 1)
-        ours = np.asarray(vit.resize_pos_grid(jnp.asarray(grid), new, method))
+        ours = np.asarray(pos_embed.resize_pos_grid(jnp.asarray(grid), new, method))
         np.testing.assert_allclose(ours, ref, atol=2e-5, err_msg=f"{method} {new}")
     # 'bicubic_offset': the original DINOv2 code's call (a scale factor with a +0.1 offset).
     for new in [(16, 16), (4, 4), (50, 20), (37, 20), (1, 1)]:
-        factor = tuple((n + vit.DINOV2_INTERPOLATE_OFFSET) / 37 for n in new)
+        factor = tuple((n + pos_embed.DINOV2_INTERPOLATE_OFFSET) / 37 for n in new)
         ref = torch.nn.functional.interpolate(nchw, scale_factor=factor, mode="bicubic",
                                               antialias=False).numpy().transpose(0, 2, 3, 1)
-        ours = np.asarray(vit.resize_pos_grid(jnp.asarray(grid), new, "bicubic_offset"))
+        ours = np.asarray(pos_embed.resize_pos_grid(jnp.asarray(grid), new, "bicubic_offset"))
         np.testing.assert_allclose(ours, ref, atol=2e-5, err_msg=f"bicubic_offset {new}")
-        plain = np.asarray(vit.resize_pos_grid(jnp.asarray(grid), new, "bicubic"))
+        plain = np.asarray(pos_embed.resize_pos_grid(jnp.asarray(grid), new, "bicubic"))
         assert np.abs(plain - ref).max() > 0.1  # the offset really changes the result
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import shards, synthetic
-from semantica_jax import config_lib, embed_cache, input_pipeline
+from semantica_jax import cached_tokens, config_lib, embed_cache, image_ops, input_pipeline
 from semantica_jax import encoder as encoder_lib
 
 ENC_SIZE = 8
@@ -66,9 +66,9 @@ def test_cache_mirrors_the_shards(cache):
     names = sorted(os.listdir(src))
     assert sorted(result["written"]) == names and result["skipped"] == []
     assert result["token_shape"] == [1 + 4, 32] and result["pooled_shape"] == [32]
-    with open(os.path.join(out, input_pipeline.EMBED_CACHE_STATS)) as f:
+    with open(os.path.join(out, cached_tokens.EMBED_CACHE_STATS)) as f:
         stats = json.load(f)
-    assert stats["encoder"] == input_pipeline.cached_tokens_identity(cache["config"].encoder)
+    assert stats["encoder"] == cached_tokens.cached_tokens_identity(cache["config"].encoder)
     assert sum(e["records"] for e in stats["files"].values()) == 10
     for name in names:
         before = list(shards.read_pages(os.path.join(src, name)))
@@ -85,7 +85,7 @@ def test_cached_tokens_are_the_encoders_tokens(cache, encode):
     for record in tf.data.TFRecordDataset(os.path.join(cache["out"], name)).take(3):
         example = tf.train.Example.FromString(record.numpy()).features.feature
         blobs = example["tokens"].bytes_list.value
-        images = [input_pipeline._resize(input_pipeline._decode(b), ENC_SIZE).numpy()
+        images = [image_ops.resize(image_ops.decode(b), ENC_SIZE).numpy()
                   for b in example["images"].bytes_list.value]
         assert len(blobs) == len(images) == len(example["pooled"].bytes_list.value)
         tokens, pooled = encode(jnp.asarray(np.stack(images)))

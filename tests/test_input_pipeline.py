@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from data_pipeline import shards, synthetic
-from semantica_jax import config_lib, input_pipeline
+from semantica_jax import config_lib, image_ops, input_pipeline
 
 NUM_PAGES = 40
 NUM_SHARDS = 8
@@ -333,7 +333,7 @@ def test_target_fit_pad_centres_pixels_without_resampling(synth, cache_decoded):
     border[2:34, 2:34] = False
     assert np.all(got["target"][:, border] == -1.0)
     image = tf.io.encode_png(tf.cast(tf.random.uniform([40, 40, 3], 0, 255, seed=1), tf.uint8))
-    np.testing.assert_allclose(input_pipeline.target_image(image, 36, "pad"),
-                               input_pipeline.target_image(image, 36, "resize"))
+    np.testing.assert_allclose(image_ops.target_image(image, 36, "pad"),
+                               image_ops.target_image(image, 36, "resize"))
     with pytest.raises(ValueError, match="target_fit='crop'"):
         _dataset(synth["files"], target_fit="crop")

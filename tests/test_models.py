@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from semantica_jax import config_lib
-from semantica_jax.models import layers, unet, vit
+from semantica_jax.models import layers, pos_embed, unet, vit
 
 RULE_NAMES = {name for name, _ in config_lib.DEFAULT_AXIS_RULES}
 
@@ -138,21 +138,21 @@ def test_vit_pos_embed_interpolation(vit_reg, images):
     model, params, apply = vit_reg
     pos = params["pos_embed"]
     # Matching grid: the stored embedding is used as is.
-    assert vit.interpolate_pos_embed(pos, (4, 4)) is pos
+    assert pos_embed.interpolate_pos_embed(pos, (4, 4)) is pos
     # The resize path at the stored size is the identity (so both paths agree there).
     grid = pos[:, 1:].reshape(1, 4, 4, -1)
-    np.testing.assert_allclose(vit.resize_pos_grid(grid, (4, 4)), grid, atol=1e-6)
+    np.testing.assert_allclose(pos_embed.resize_pos_grid(grid, (4, 4)), grid, atol=1e-6)
     # Resizing keeps the CLS position and maps a constant grid to the same constant (up/down).
     const = jnp.concatenate([pos[:, :1], jnp.full((1, 16, 32), 0.7)], axis=1)
     for new in [(6, 6), (2, 2), (3, 5)]:
-        out = vit.interpolate_pos_embed(const, new)
+        out = pos_embed.interpolate_pos_embed(const, new)
         assert out.shape == (1, 1 + new[0] * new[1], 32)
         np.testing.assert_array_equal(out[:, 0], pos[:, 0])
         np.testing.assert_allclose(out[:, 1:], 0.7, atol=1e-5)
     # A 24 px input (6x6 grid vs the stored 4x4) runs through the interpolated embedding.
     out = apply(params, images[24])
     assert out["tokens"].shape == (2, 1 + 2 + 36, 32)
-    resized = vit.interpolate_pos_embed(pos, (6, 6))
+    resized = pos_embed.interpolate_pos_embed(pos, (6, 6))
     assert not np.allclose(resized[:, 1:7], pos[:, 1:7])
     ref = _np_vit(params, np.asarray(images[24]), model, resized)
     np.testing.assert_allclose(out["tokens"], ref, atol=2e-4, rtol=2e-4)

@@ -252,7 +252,7 @@ def test_checkpoints_commit_once_and_restore_on_one_process(setup, reference, tm
     # processes differently) and is re-seeded from (seed, step), as docs/RELIABILITY.md says.
     config = mh_config(data_dir, cache_dir, devices=8)
     state, data = _restore(reference, STEPS, config)
-    seed, start = train._resume_data_position(data, config, STEPS, 1, 0)
+    seed, start = checkpointing.resume_data_position(data, config, STEPS, 1, 0)
     assert start == 0 and seed != config.seed
     two = export.load_export(_export_two(setup, reference))
     _assert_same_tree(two.ema_params, state.ema_params)

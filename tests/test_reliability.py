@@ -272,7 +272,7 @@ def test_data_ids_log_keeps_covered_steps_and_drops_a_cut_line(tmp_path):
     path.parent.mkdir()
     rows = [json.dumps({"step": s, "page_hash": [s]}) + "\n" for s in range(1, 6)]
     path.write_text("".join(rows) + '{"step": 6, "page_h')
-    log = train._DataIdsLog(str(tmp_path), 0, start_step=3)
+    log = checkpointing.DataIdsLog(str(tmp_path), 0, start_step=3)
     log.write(4, {k: np.array([40]) for k in ("page_hash", "cond_index", "target_index")})
     log.close()
     assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3, 4]

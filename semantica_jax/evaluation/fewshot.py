@@ -91,7 +91,7 @@ def load_eval_set(files: Sequence[str], *, image_size: int, cond_size: int, grou
     import tensorflow as tf
 
     from data_pipeline import shards
-    from semantica_jax import input_pipeline as ip
+    from semantica_jax import image_ops
 
     if group_by not in ("label", "page"):
         raise ValueError(f"config.eval.group_by={group_by!r}; expected 'label' or 'page'")
@@ -107,8 +107,8 @@ def load_eval_set(files: Sequence[str], *, image_size: int, cond_size: int, grou
         })
 
     def decode(e):
-        image = ip._decode(e["encoded"])
-        return {"target": ip._resize(image, image_size, target_fit) * 2.0 - 1.0, "cond": ip._resize(image, cond_size),
+        image = image_ops.decode(e["encoded"])
+        return {"target": image_ops.resize(image, image_size, target_fit) * 2.0 - 1.0, "cond": image_ops.resize(image, cond_size),
                 "page_id": e["page_id"], "label": e["label"]}
 
     ds = tf.data.TFRecordDataset(list(files)).flat_map(explode)
@@ -174,7 +174,7 @@ def load_images(files: Sequence[str], *, image_size: int, max_images: int = 0,
     import tensorflow as tf
 
     from data_pipeline import shards
-    from semantica_jax import input_pipeline as ip
+    from semantica_jax import image_ops
 
     def explode(record):
         page = shards.parse_page(record)
@@ -185,7 +185,7 @@ def load_images(files: Sequence[str], *, image_size: int, max_images: int = 0,
     ds = tf.data.TFRecordDataset(list(files)).flat_map(explode)
     if max_images > 0:
         ds = ds.take(max_images)
-    ds = ds.map(lambda e, label: (ip.target_image(e, image_size, target_fit), label),
+    ds = ds.map(lambda e, label: (image_ops.target_image(e, image_size, target_fit), label),
                 num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     out = list(ds.batch(512).as_numpy_iterator())
     if not out:

@@ -400,7 +400,7 @@ def main(argv=None) -> int:
     parser.add_argument("--once", action="store_true", help="one pass over the existing checkpoints, then exit")
     args = parser.parse_args(argv)
     try:
-        config = load_config_file(args.config)
+        config = config_lib.load_config_file(args.config)
         results = run_eval_job(config, args.workdir, export_dir=args.export, once=args.once)
     except config_lib.ConfigError as e:
         print(f"semantica-eval: error: {e}", file=sys.stderr)
@@ -408,22 +408,6 @@ def main(argv=None) -> int:
     for r in results:
         print(summary_table(r))
     return 0
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """experiments/X.py[:variant] -> its get_config(variant) (as `--config` flags load it)."""
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    if not os.path.exists(path):
-        raise config_lib.ConfigError(f"config file {path} does not exist")
-    spec_ = importlib.util.spec_from_file_location("_semantica_config", path)
-    module = importlib.util.module_from_spec(spec_)
-    try:
-        spec_.loader.exec_module(module)
-        return module.get_config(arg or None) if arg else module.get_config()
-    except ValueError as e:
-        raise config_lib.ConfigError(f"{spec}: {e}") from e
 
 
 def run() -> None:
