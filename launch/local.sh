@@ -58,9 +58,10 @@ cat "$WORKDIR/metrics.json"
 echo
 "$PYBIN" - "$(ls "$WORKDIR"/eval/export_step_*.json | tail -n 1)" "$CONFIG" <<'PY'
 import json, sys
+from semantica_jax import config_lib
 from semantica_jax.evaluation import job
 result = json.load(open(sys.argv[1]))
-names = job.load_config_file(sys.argv[2]).data.class_names
+names = config_lib.load_config_file(sys.argv[2]).data.class_names
 print(f"Few-shot eval of the export (step {result['step']}, {result['groups']} classes x {result['shots']} "
       f"held-out conditions x {result['samples_per_condition']} variations):")
 print(job.headline(result, names))

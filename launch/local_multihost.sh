@@ -2,7 +2,8 @@
 # The pod code path on one machine: N JAX processes x M fake CPU devices each, wired the way a
 # multi-host job is (JAX_COORDINATOR_ADDRESS on the loopback, JAX_NUM_PROCESSES, JAX_PROCESS_ID;
 # CPU collectives over gloo), running one experiment. Every process reads its own share of the
-# shard files, and they checkpoint, preempt and resume together. Logs: WORKDIR/logs/process_<i>.log.
+# shard files, and they checkpoint, preempt and resume together. Logs: WORKDIR/logs/process_<i>.log
+# (appended to by every launch, each after a header line).
 # Usage: NUM_PROCESSES=2 DEVICES_PER_PROCESS=2 bash launch/local_multihost.sh [CONFIG] [main.py flags...]
 #   CONFIG defaults to experiments/semantica_tiny.py:eval_shards=2 (the tiny experiment with an
 #   eval split of 2 files, one per process: every process needs its own train and eval files);
@@ -25,8 +26,11 @@ export XLA_FLAGS="--xla_force_host_platform_device_count=$M"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 pids=()
 for ((i = 0; i < N; i++)); do
+  # Appended, after a header: a later export or eval launch keeps the training run's log.
+  echo "=== $(date -u '+%Y-%m-%d %H:%M:%S UTC') local_multihost: process $i of $N: $CONFIG $*" \
+      >>"$WORKDIR/logs/process_$i.log"
   JAX_PROCESS_ID="$i" "$PYBIN" -m semantica_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@" \
-      >"$WORKDIR/logs/process_$i.log" 2>&1 &
+      >>"$WORKDIR/logs/process_$i.log" 2>&1 &
   pids+=("$!")
 done
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT

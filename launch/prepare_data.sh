@@ -9,6 +9,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYBIN="${SEMANTICA_VENV:-$ROOT/.venv}/bin/python"
 cd "$ROOT"
+# The token cache runs on the CPU unless JAX_PLATFORMS says otherwise (JAX_PLATFORMS= : any
+# accelerator JAX finds); without it, the libtpu of the [test] extra probes for a TPU and logs why not.
+export JAX_PLATFORMS="${JAX_PLATFORMS-cpu}"
 CONFIG="${1:-experiments/semantica_tiny.py}"
 DATA_DIR="$ROOT/data/fashion_mnist_pages"
 
@@ -18,7 +21,7 @@ DATA_DIR="$ROOT/data/fashion_mnist_pages"
 #    in-graph encoder).
 SPEC="$("$PYBIN" - "$CONFIG" <<'PY'
 import os, sys
-from semantica_jax.evaluation.job import load_config_file
+from semantica_jax.config_lib import load_config_file
 c = load_config_file(sys.argv[1])
 if c.encoder.cached_tokens:
     names = [os.path.basename(f) for f in (c.data.train_files, c.data.eval_files) if f]

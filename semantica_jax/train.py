@@ -73,6 +73,16 @@ def condition(encoder: encoder_lib.FrozenEncoder, enc_params, batch: dict) -> tu
     return encoder.encode(enc_params, batch["cond"])
 
 
+def per_example_loss(unet: nn.Module, params, dc, x, eps, z, logsnr, tokens, pooled, cond_mask,
+                     **apply_kwargs) -> jax.Array:
+    """[B] diffusion loss of the denoiser's output on z (`config.diffusion` = dc: prediction,
+    weighting), shared by the train and eval steps; `apply_kwargs` go to `unet.apply`."""
+    out = unet.apply({"params": params}, z, logsnr, tokens, pooled, cond_mask, **apply_kwargs)
+    return diffusion.loss_per_example(
+        out.astype(jnp.float32), x, eps, z, logsnr,
+        prediction=dc.prediction, weighting=dc.loss_weighting, sigmoid_bias=dc.sigmoid_bias,
+    )
+
 
 def make_train_step(config, unet: nn.Module, encoder: encoder_lib.FrozenEncoder, tx, lr_schedule):
     dc = config.diffusion
@@ -91,15 +101,8 @@ def make_train_step(config, unet: nn.Module, encoder: encoder_lib.FrozenEncoder,
         cond_mask = jax.random.uniform(k_drop, (b,)) >= dc.cond_drop_prob
 
         def loss_fn(params):
-            out = unet.apply(
-                {"params": params}, z, logsnr, tokens, pooled, cond_mask,
-                train=True, rngs={"dropout": k_dropout},
-            )
-            per_ex = diffusion.loss_per_example(
-                out.astype(jnp.float32), x, eps, z, logsnr,
-                prediction=dc.prediction, weighting=dc.loss_weighting, sigmoid_bias=dc.sigmoid_bias,
-            )
-            return jnp.mean(per_ex)
+            return jnp.mean(per_example_loss(unet, params, dc, x, eps, z, logsnr, tokens, pooled, cond_mask,
+                                             train=True, rngs={"dropout": k_dropout}))
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         grad_norm = optax.tree.norm(grads)
@@ -145,11 +148,8 @@ def make_eval_step(config, unet, encoder):
         logsnr = schedule_fn(t)
         eps = diffusion.noise(rng, x.shape, bool(dc.tie_channels), x.dtype)
         z = diffusion.diffuse(x, eps, logsnr)
-        out = unet.apply({"params": ema_params}, z, logsnr, tokens, pooled, jnp.ones((b,), bool), train=False)
-        per_ex = diffusion.loss_per_example(
-            out.astype(jnp.float32), x, eps, z, logsnr,
-            prediction=dc.prediction, weighting=dc.loss_weighting, sigmoid_bias=dc.sigmoid_bias,
-        )
+        per_ex = per_example_loss(unet, ema_params, dc, x, eps, z, logsnr, tokens, pooled,
+                                  jnp.ones((b,), bool), train=False)
         return jnp.sum(per_ex), b
 
     return eval_step
