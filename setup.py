@@ -11,6 +11,8 @@ def _requirements():
         return [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
 
 
+_DEMO = ["gradio==6.31.0"]
+
 setup(
     name="semantica_jax",
     version="0.1.0",
@@ -27,9 +29,16 @@ setup(
         # libtpu (via jax[tpu]) lets a test AOT-compile the tiny config for a TPU topology on CPU.
         # pytest-xdist: launch/test.sh runs the test files on 2 workers (a file stays on one worker,
         # so its module fixtures are built once).
+        # selenium drives the Debian chromium + chromium-driver (setup_env.sh --apt installs them) in
+        # the demo's browser test; nbclient + ipykernel execute notebooks/variations.ipynb.
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "torch==2.13.0",
                  "transformers==5.24.0", "safetensors==0.8.0", "jax[tpu]==0.10.2", "prdc==0.2",
-                 "scikit-learn==1.9.1"],
+                 "scikit-learn==1.9.1", "selenium==4.51.0", "nbclient==0.11.0", "nbformat==5.11.1",
+                 "ipykernel==7.4.0", *_DEMO],
+        # `semantica-demo`: the browser demo of an export (Gradio; installs beside the pins above).
+        "demo": _DEMO,
+        # Running notebooks/variations.ipynb in Jupyter.
+        "notebook": ["ipykernel==7.4.0", "nbformat==5.11.1"],
         # Web-scale preprocessing; needs protobuf 6.33.6, which requirements.txt pins.
         "data": ["apache-beam[tfrecord]==2.77.0", "google-crc32c==1.9.0", "pyarrow==25.0.1"],
         # AOT compile for / run on TPU (libtpu 0.0.42.1 matches jax 0.10.2).
@@ -49,6 +58,7 @@ setup(
             "semantica-eval=semantica_jax.evaluation.job:run",
             "semantica-vary=semantica_jax.vary:run",
             "semantica-study=semantica_study.cli:run",
+            "semantica-demo=semantica_jax.demo:run",
         ],
     },
 )

@@ -9,7 +9,7 @@
 #   CONFIG defaults to experiments/semantica_tiny.py; WORKDIR env var overrides the workdir.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/launch/setup_env.sh" --apt test,data
+bash "$ROOT/launch/setup_env.sh" --apt test,data,demo
 PYBIN="${SEMANTICA_VENV:-$ROOT/.venv}/bin/python"
 cd "$ROOT"
 

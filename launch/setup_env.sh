@@ -1,20 +1,35 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: a venv at .venv (or $SEMANTICA_VENV) with the exact pins
 # of requirements.txt, this repo installed editable with the given extras, and (with --apt) the
-# Debian packages the main job needs. A stamp file skips the pip step when nothing changed.
-# Usage: bash launch/setup_env.sh [--apt] [EXTRAS]      e.g. bash launch/setup_env.sh --apt test
+# Debian packages of the named groups: `data` (dataset-fashion-mnist, the main job's data; plain
+# --apt) and `browser` (chromium + chromium-driver, the demo's browser test). A stamp file skips
+# the pip step when nothing changed.
+# Usage: bash launch/setup_env.sh [--apt[=data,browser]] [EXTRAS]   e.g. bash launch/setup_env.sh --apt test
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SEMANTICA_VENV:-$ROOT/.venv}"
-APT=0
-if [ "${1:-}" = "--apt" ]; then APT=1; shift; fi
+APT=""
+case "${1:-}" in
+  --apt) APT="data"; shift ;;
+  --apt=*) APT="${1#--apt=}"; shift ;;
+esac
 EXTRAS="${1:-test}"
 
-if [ "$APT" = 1 ] && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  echo "[setup] installing Debian package dataset-fashion-mnist (the embedded default data)"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+# Debian packages by group: data = the embedded data (the main job), browser = the headless
+# browser of the demo's browser test (the test command).
+if [ -n "$APT" ]; then
+  PKGS=""
+  case ",$APT," in *,data,*) PKGS+=" dataset-fashion-mnist" ;; esac
+  case ",$APT," in *,browser,*) PKGS+=" chromium chromium-driver" ;; esac
+  MISSING=""
+  for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || MISSING+=" $p"; done
+  if [ -n "$MISSING" ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    echo "[setup] installing Debian packages:$MISSING"
+    $SUDO apt-get update -qq
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $MISSING >/dev/null
+  fi
 fi
 
 PY="${PYTHON:-python3.11}"

@@ -13,7 +13,7 @@
 #   bring their own data, so the data steps below only serve the tiny study (skip: PREPARE_DATA=0).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/launch/setup_env.sh" --apt test,data
+bash "$ROOT/launch/setup_env.sh" --apt test,data,demo
 PYBIN="${SEMANTICA_VENV:-$ROOT/.venv}/bin/python"
 cd "$ROOT"
 

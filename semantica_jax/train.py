@@ -9,8 +9,11 @@ optimised, not checkpointed) -> UNet denoiser cross-attending to them -> v/eps/x
 """
 import dataclasses
 import itertools
+import json
 import math
 import os
+import shlex
+import sys
 import time
 from typing import Any
 
@@ -343,6 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     num_steps = int(tc.num_steps)
     pid, nproc = jax.process_index(), jax.process_count()
     is_main = pid == 0
+    run_start = time.time()
 
     # ------------------------------------------------------------------ preflight: config, sizes, files
     try:
@@ -533,6 +537,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         "compile_seconds": compile_s,
         "denoiser_params": num_params,
         **{f"eval_{k}": v for k, v in eval_result.items()},
+        # This process's wall time, and the sum over the runs that made this workdir's steps
+        # (a resumed run adds its own to the total of the run it resumed).
+        "run_wall_seconds": time.time() - run_start,
+        "total_wall_seconds": _previous_wall_seconds(workdir, start_step) + time.time() - run_start,
+        "hardware": _hardware(),
+        "command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
     }
     if is_main:
         fileio.write_json(os.path.join(workdir, "metrics.json"), summary)
@@ -541,6 +551,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 
 # ============================================================================ loop helpers
+def _previous_wall_seconds(workdir: str, start_step: int) -> float:
+    """The total wall time of the runs before a resume at `start_step` (0 for a fresh run, or
+    when the previous run's metrics.json is missing or ended elsewhere)."""
+    if start_step == 0:
+        return 0.0
+    try:
+        with open(os.path.join(workdir, "metrics.json")) as f:
+            prev = json.load(f)
+    except (OSError, ValueError):
+        return 0.0
+    if prev.get("step") != start_step:
+        return 0.0
+    return float(prev.get("total_wall_seconds") or 0.0)
+
+
+def _hardware() -> dict:
+    """What trained: platform, device kind, device and process counts."""
+    d = jax.devices()[0]
+    return {"platform": d.platform, "device_kind": d.device_kind, "devices": jax.device_count(),
+            "processes": jax.process_count(), "host_cpus": os.cpu_count()}
+
+
 def _flat_hparams(config) -> dict:
     """The config as flat 'a.b' keys with scalar values (others as text), for the hparams log."""
     flat = flatten_dict(config.to_dict(), sep=".")

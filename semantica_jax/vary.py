@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -39,7 +40,8 @@ def load_image(path: str, size: int, fit: str = "resize") -> np.ndarray:
     try:
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, ValueError) as e:
-        raise VaryError(f"{path}: not a decodable image ({' '.join(str(e).split())[:120]})") from e
+        reason = re.sub(r"\{\{.*?\}\}", "", " ".join(str(e).split())).strip()  # drop TF's op names
+        raise VaryError(f"{path}: not a decodable image ({reason[:120]})") from e
     h, w = int(image.shape[0]), int(image.shape[1])
     if h < 1 or w < 1:
         raise VaryError(f"{path}: empty image ({h}x{w})")

@@ -7,8 +7,12 @@ It watches `W/checkpoints/`, and for each checkpoint it has not finished yet run
 protocol (semantica_jax/evaluation/fewshot.py) for every `eval.guidance_scales` entry, then:
   W/eval/step_<S>.json     all numbers (+ per-group tables, settings, timings, extractor)
   W/eval/grids/step_<S>_g<scale>.png   one conditioning image per group | its variations
-  W/eval/                  TensorBoard events (scalars `fewshot/g<scale>/<metric>`, grid images)
+  W/eval/plots/step_<S>_per_class.png  class-consistency per class and guidance (the judge's
+                           ceiling marked); _tradeoff.png: consistency vs diversity over guidance
+  W/eval/                  TensorBoard events (scalars `fewshot/g<scale>/<metric>`, grids, plots)
   W/eval/progress.json     the steps finished (written after each): a restarted job skips them
+With --export the results are tagged `export_step_<S>`, and the export's MODEL_CARD.md is
+rewritten with the headline numbers, the best grid and the plots (copied to DIR/card/).
 It stops when the checkpoint of the config's last train step is done, with --once after one
 pass, or after `eval.idle_timeout_seconds` without a new checkpoint. Checkpoints deleted by the
 trainer's `max_to_keep` before the job reached them are logged and skipped; a checkpoint that
@@ -244,7 +248,26 @@ class Evaluator:
                 writer.write_scalars(step, {f"fewshot/g{float(scale):g}/{k}": numbers[k]
                                             for k in RESULT_KEYS if k in numbers and np.isfinite(numbers[k])})
                 writer.write_images(step, {f"fewshot/g{float(scale):g}/grid": grid[None]})
+        result["plots"] = self._plots(result, out_dir, tag, step, writer)
         return result
+
+    def _plots(self, result: dict, out_dir: str, tag: str, step: int, writer) -> dict[str, str]:
+        """Per-class bars and (with several guidance scales) the consistency-vs-diversity
+        curve: PNGs in `out_dir/plots/` and TensorBoard images `fewshot/plots/*`."""
+        from semantica_jax.evaluation import plots
+
+        images = {"per_class": plots.per_class_bars(result, tuple(self.config.data.class_names))}
+        if len(result["by_guidance"]) > 1:
+            images["tradeoff"] = plots.tradeoff_plot({tag: result}, title=f"{tag}: class-consistency vs "
+                                                     "diversity over guidance")
+        paths = {}
+        for name, image in images.items():
+            paths[name] = os.path.join(out_dir, "plots", f"{tag}_{name}.png")
+            if jax.process_index() == 0:
+                images_lib.save_png(image, paths[name])
+            if writer is not None:
+                writer.write_images(step, {f"fewshot/plots/{name}": image[None]})
+        return paths
 
     def _grid(self, samples: np.ndarray, m: int) -> np.ndarray:
         """First conditioning image of the first `eval.grid_groups` groups | its variations."""
@@ -302,6 +325,8 @@ def run_eval_job(eval_config: ml_collections.ConfigDict | None, workdir: str, *,
             logging.info("%s already evaluated (%s)", tag, progress.done[tag])
         else:
             run_one(model, tag, model.step)
+            if primary:
+                logging.info("Model card with the eval numbers: %s", update_model_card(export_dir, results[-1]))
         writer.close()
         return results
 
@@ -345,6 +370,28 @@ def run_eval_job(eval_config: ml_collections.ConfigDict | None, workdir: str, *,
         time.sleep(poll)
     writer.close()
     return results
+
+
+def update_model_card(export_dir: str, result: dict) -> str:
+    """Copies the eval job's grid (at the guidance with the best class-consistency) and plots of
+    `result` into `export_dir/card/` and rewrites the export's MODEL_CARD.md with its numbers."""
+    import shutil
+
+    from semantica_jax import model_card
+    from semantica_jax.evaluation import plots
+
+    card_dir = os.path.join(export_dir, model_card.CARD_DIR)
+    os.makedirs(card_dir, exist_ok=True)
+    key = plots.consistency_key(result)
+    best = max(result["by_guidance"], key=lambda g: result["by_guidance"][g][key])
+    sources = {"grid": result["by_guidance"][best]["grid"], **result.get("plots", {})}
+    files = {}
+    for name, src in sources.items():
+        if src and os.path.exists(src):
+            dst = f"{name}.png" if name != "grid" else f"grid_g{best}.png"
+            shutil.copyfile(src, os.path.join(card_dir, dst))
+            files[name] = f"{model_card.CARD_DIR}/{dst}"
+    return model_card.write(export_dir, result, card_files=files)
 
 
 def _agreed(values: list[int]) -> list[int]:
