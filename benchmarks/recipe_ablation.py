@@ -83,6 +83,8 @@ ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
         REPO, "data", "fashion_mnist_pages_img_focus56", "train-0000[0-3]-of-00008.tfrecord"),)),
                       "the default on 4 of the 8 training shards (30,000 images instead of 15,000; "
                       "cache: `python -m semantica_jax.embed_cache --src=...train-0000[23]...`)"),
+    "default_tokens112": ("enc_res=112", OnDefault(()), "the default with the encoder at 112 px: 64 patch tokens + "
+                          "CLS (cache: `launch/prepare_data.sh experiments/semantica_tiny.py:enc_res=112`)"),
     "default_drop0.2": ("", OnDefault(("diffusion.cond_drop_prob=0.2",)),
                         "the default with the condition dropped with p 0.2"),
 }
