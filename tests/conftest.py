@@ -23,7 +23,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 # The slowest files first: launch/test.sh runs files on 2 workers in this order
 # (--dist loadfile --no-loadscope-reorder), so the long ones do not start last.
-_SLOW_FIRST = ("test_multihost.py", "test_reliability.py", "test_study.py", "test_evaluation.py",
+_SLOW_FIRST = ("test_multihost.py", "test_reliability.py", "test_study.py", "test_evaluation.py", "test_demo.py",
                "test_train.py", "test_bench.py", "test_scale.py", "test_models.py")
 
 
