@@ -160,8 +160,8 @@ def build_app(service: VariationService):
                     gr.Examples(examples=[[p] for p in service.examples], inputs=[file],
                                 label="held-out examples")
             with gr.Column(scale=2):
-                grid = gr.Image(label="condition | variations", type="numpy", format="png",
-                                interactive=False, elem_id="grid")
+                grid = gr.Image(label="condition | variations", show_label=False, type="numpy", format="png",
+                                interactive=False, elem_id="grid")  # the grid carries its own headers
                 status = gr.Markdown("", elem_id="status")
         button.click(on_vary, inputs=[file, num, steps, guidance, seed], outputs=[grid, status],
                      concurrency_limit=1)
