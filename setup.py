@@ -37,8 +37,8 @@ setup(
                  "ipykernel==7.4.0", *_DEMO],
         # `semantica-demo`: the browser demo of an export (Gradio; installs beside the pins above).
         "demo": _DEMO,
-        # Running notebooks/variations.ipynb in Jupyter.
-        "notebook": ["ipykernel==7.4.0", "nbformat==5.11.1"],
+        # Running notebooks/variations.ipynb: its kernel, and `jupyter-execute` (nbclient).
+        "notebook": ["ipykernel==7.4.0", "nbformat==5.11.1", "nbclient==0.11.0"],
         # Web-scale preprocessing; needs protobuf 6.33.6, which requirements.txt pins.
         "data": ["apache-beam[tfrecord]==2.77.0", "google-crc32c==1.9.0", "pyarrow==25.0.1"],
         # AOT compile for / run on TPU (libtpu 0.0.42.1 matches jax 0.10.2).
