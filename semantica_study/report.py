@@ -142,14 +142,12 @@ def make_grids(study: dict, arms: dict, out: str) -> dict:
     return grids
 
 
-def _guidance_plot(study, arms, claim, out) -> str | None:
-    try:
-        import matplotlib
+def _guidance_plot(study, arms, claim, out) -> str:
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")  # matplotlib is a declared dependency (requirements.txt)
+    import matplotlib.pyplot as plt
+
     arm = claim["arms"][0]
     agg = arms[arm]["aggregate"]
     scales = sorted(agg, key=float)
@@ -426,6 +424,4 @@ def _guidance_section(study, arms, c, entry, out) -> list[str]:
     if plot:
         md += [f"![guidance curve]({os.path.relpath(plot, out)})", ""]
         entry["plot"] = os.path.relpath(plot, out)
-    elif agg:
-        md += ["(matplotlib is not installed: table only.)", ""]
     return md
