@@ -4,12 +4,23 @@ r"""Ahead-of-time compile of the train step for hardware this host does not have
   python launch/compile_for.py --config=experiments/semantica_base.py:size=L,fsdp \
       --topology=v5e-256,v5p-128 --markdown
   python launch/compile_for.py --config=experiments/semantica_base.py --topology=h100-8
+  python launch/compile_for.py --config=experiments/semantica_base.py --topology=v5e-256 --plan
+  python launch/compile_for.py --from_json=plans.jsonl --markdown     # re-print an earlier --json run
 
 Builds the config's sharded ABSTRACT train state and batch on a mesh of compile-only devices
 (`jax.experimental.topologies`: libtpu for TPU pods, the CUDA PJRT plugin for H100 nodes), compiles
 the jitted, state-donating update step and prints, per device: peak memory against the chip's HBM
 (fits / does not fit, headroom), FLOPs per step and the compile time. Runs on a CPU-only host; the
 executables cannot run here. Config overrides work as for main.py (`--config.mesh.fsdp=-1`).
+
+`--plan` picks the per-device batch for a target: it compiles the step at `--plan_probes` per-device
+batches (default 1 and 4), fits per-device peak memory and FLOPs linearly in the batch, and prints for
+every power-of-two batch up to the largest that keeps `--headroom` (20%) of the HBM free: memory,
+compute time at `--mfu` (50%) of the bf16 peak, the gradient all-reduce / reduce-scatter + all-gather
+time at the chip's documented ICI / DCN bandwidth, which of the two bounds the step, examples/s per
+device and device-hours per 100 M training pairs (semantica_jax/hardware.py has the model and the
+figures). It recommends the smallest compute-bound batch, compiles it to check its memory, and says
+whether the config's own batch is compute-bound. Every compile also prints its roofline.
 
 Needs `pip install 'jax[tpu]==0.10.2'` (libtpu 0.0.42.1) for TPU targets and
 `pip install jax-cuda12-plugin==0.10.2` for GPU targets, in the same venv.
@@ -45,7 +56,9 @@ from typing import Any, Sequence
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-GIB = 1024**3
+from semantica_jax import hardware  # noqa: E402  (pure arithmetic; no JAX import)
+
+GIB = hardware.GIB
 
 
 # ============================================================================ targets
@@ -54,6 +67,7 @@ class Target:
     """A named pod slice or GPU node: how to get its compile-only devices and its chip specs."""
 
     name: str
+    chip: str  # key of semantica_jax.hardware.CHIPS
     platform: str  # 'tpu' | 'cuda'
     topology: str  # libtpu 'v5e:16x16' / CUDA '<partitions>x<hosts>x<gpus per host>'
     num_devices: int
@@ -64,14 +78,12 @@ class Target:
     wrap: tuple[bool, bool, bool] | None = None
 
 
-# Per chip (one JAX device per chip: v4 / v5p in megacore mode): HBM and dense bf16 peak, from the
-# Cloud TPU system-architecture pages and NVIDIA's H100 SXM data sheet (the "80 GB" H100 reports
-# 84,942,979,072 bytes = 79.1 GiB of device memory to CUDA).
+# Chip families as libtpu names them; HBM, peak and bandwidths per chip are semantica_jax.hardware.CHIPS.
 _CHIPS = {
-    "v4": dict(libtpu="v4", hbm=32 * GIB, flops=275e12, cores_per_chip=2, dims=3),
-    "v5p": dict(libtpu="v5", hbm=95 * GIB, flops=459e12, cores_per_chip=2, dims=3),
-    "v5e": dict(libtpu="v5e", hbm=16 * GIB, flops=197e12, cores_per_chip=1, dims=2),
-    "v6e": dict(libtpu="v6e", hbm=32 * GIB, flops=918e12, cores_per_chip=1, dims=2),
+    "v4": dict(libtpu="v4", cores_per_chip=2, dims=3),
+    "v5p": dict(libtpu="v5", cores_per_chip=2, dims=3),
+    "v5e": dict(libtpu="v5e", cores_per_chip=1, dims=2),
+    "v6e": dict(libtpu="v6e", cores_per_chip=1, dims=2),
 }
 _ALIASES = {"v5litepod": "v5e"}
 # Chips -> slice shape. 2-D (v5e, v6e): as sold; 3-D (v4, v5p): the power-of-two cuboids.
@@ -80,7 +92,7 @@ _SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8
 _SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
               128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16),
               2048: (8, 16, 16), 4096: (16, 16, 16)}
-H100 = dict(hbm=84_942_979_072, flops=989e12, gpus_per_host=8)
+GPUS_PER_HOST = 8
 
 
 def target_for(name: str) -> Target:
@@ -96,11 +108,13 @@ def target_for(name: str) -> Target:
         key = f"h100-{m.group(1)}"
     m = re.fullmatch(r"h100-(\d+)", key)
     if m:
-        n, per_host = int(m.group(1)), H100["gpus_per_host"]
+        n, per_host = int(m.group(1)), GPUS_PER_HOST
         if n < 1 or n % per_host:
             raise ValueError(f"--topology={name}: H100 targets are whole {per_host}-GPU hosts (h100-8, h100-16, ...)")
-        return Target(name=f"h100-{n}", platform="cuda", topology=f"1x{n // per_host}x{per_host}",
-                      num_devices=n, hbm_bytes=H100["hbm"], peak_bf16_flops=H100["flops"])
+        h100 = hardware.CHIPS["h100"]
+        return Target(name=f"h100-{n}", chip="h100", platform="cuda",
+                      topology=f"1x{n // per_host}x{per_host}", num_devices=n,
+                      hbm_bytes=h100.hbm_bytes, peak_bf16_flops=h100.peak_bf16_flops)
     m = re.fullmatch(r"([a-z0-9]+)-(\d+)", key)
     family = _ALIASES.get(m.group(1), m.group(1)) if m else None
     if family not in _CHIPS:
@@ -127,9 +141,10 @@ def target_for(name: str) -> Target:
         wrap = (all(s % 4 == 0 for s in shape),) * 3  # full 4x4x4 cubes and up are tori
         chip_config = "megacore"
     return Target(
-        name=f"{family}-{int(m.group(2))}", platform="tpu",
+        name=f"{family}-{int(m.group(2))}", chip=family, platform="tpu",
         topology=f"{chip['libtpu']}:{'x'.join(map(str, shape))}", num_devices=chips,
-        hbm_bytes=chip["hbm"], peak_bf16_flops=chip["flops"], chip_config_name=chip_config,
+        hbm_bytes=hardware.CHIPS[family].hbm_bytes,
+        peak_bf16_flops=hardware.CHIPS[family].peak_bf16_flops, chip_config_name=chip_config,
         chips_per_host_bounds=per_host, wrap=wrap,
     )
 
@@ -228,6 +243,22 @@ class Report:
     lower_s: float
     compile_s: float
     error: str | None = None
+    # kind -> [ops, result bytes per device] of the compiled program's collectives
+    collectives: dict[str, list[float]] | None = None
+    ici: dict[str, int] | None = None  # mesh factors inside a granule (None: the whole mesh)
+    dcn: dict[str, int] | None = None  # ... and across granules (None: one granule)
+    remat: bool = False
+
+    def estimate(self, mfu: float = hardware.DEFAULT_MFU) -> hardware.StepEstimate | None:
+        """The roofline of this compiled step (semantica_jax.hardware), None without a FLOP count."""
+        flops = self.flops_compiled or self.flops_program
+        if not flops or self.peak_bytes is None:
+            return None
+        collectives = hardware.gradient_collectives(
+            self.params, ici=self.ici or self.mesh, dcn=self.dcn, remat=self.remat)
+        return hardware.estimate_step(
+            hardware.CHIPS[target_for(self.target).chip], flops_per_device=flops,
+            batch_per_device=self.global_batch / self.devices, collectives=collectives, mfu=mfu)
 
     def text(self) -> str:
         """The human-readable block compile_for prints."""
@@ -263,6 +294,12 @@ class Report:
         if best:
             lines.append(f"           = {1e3 * best / self.peak_bf16_flops:.3g} ms per step at 100% of the "
                          f"{self.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak")
+        est = self.estimate()
+        if est is not None:
+            lines.append(
+                f"roofline   compute {1e3 * est.compute_s:.2f} ms at {100 * est.mfu:.0f}% of peak, gradient "
+                f"communication {1e3 * est.comm_s:.2f} ms: {est.bound}-bound; {est.examples_per_s:.1f} "
+                f"examples/s/device, {est.chip_hours_per_budget:.0f} device-hours per 100 M pairs")
         lines.append(f"time       lower {self.lower_s:.1f} s, compile {self.compile_s:.1f} s (this host)")
         return "\n".join(lines)
 
@@ -327,7 +364,11 @@ def compile_report(
     lowered = trainer.lower_train_step()
     lower_s = time.perf_counter() - t0
     usable = int(target.hbm_bytes * (gpu_mem_fraction if target.platform == "cuda" else 1.0))
+    _, granules = sharding.device_granules(devices)
+    shape = sharding.resolve_mesh_shape(config.mesh, len(devices), len(granules))
     common = dict(
+        ici=dict(zip(sharding.MESH_AXES, shape.ici)), dcn=dict(zip(sharding.MESH_AXES, shape.dcn)),
+        remat=bool(config.model.remat),
         target=target.name, platform=target.platform, topology=target.topology,
         num_slices=num_slices, devices=mesh.size,
         processes=len({d.process_index for d in devices}), mesh=dict(mesh.shape),
@@ -346,7 +387,7 @@ def compile_report(
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return Report(**common, peak_bytes=None, argument_bytes=None, temp_bytes=None, fits=False,
-                      headroom=None, flops_compiled=None, while_loops=None,
+                      headroom=None, flops_compiled=None, while_loops=None, collectives=None,
                       compile_s=time.perf_counter() - t0,
                       error=str(e).strip().splitlines()[0])
     compile_s = time.perf_counter() - t0
@@ -356,12 +397,44 @@ def compile_report(
         + mem.temp_size_in_bytes
     )
     cost = _cost(compiled)
+    text = compiled.as_text()
     return Report(
         **common, peak_bytes=peak, argument_bytes=int(mem.argument_size_in_bytes),
         temp_bytes=int(mem.temp_size_in_bytes), fits=peak <= usable, headroom=1.0 - peak / usable,
         flops_compiled=float(cost["flops"]) if cost and "flops" in cost else None,
-        while_loops=len(re.findall(r"\swhile\(", compiled.as_text())), compile_s=compile_s,
+        while_loops=len(re.findall(r"\swhile\(", text)), collectives=collective_bytes(text),
+        compile_s=compile_s,
     )
+
+
+_COLLECTIVE_OP = re.compile(
+    r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
+_ARRAY_TYPE = re.compile(r"\b(pred|[su](?:8|16|32|64)|f8e\w+|bf16|f16|f32|f64|c64|c128)\[([0-9,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, list[float]]:
+    """Collectives of a compiled program: kind -> [number of ops, result bytes per device].
+
+    The result of an all-reduce is the reduced buffer, of an all-gather the gathered one, of a
+    reduce-scatter the device's shard (the `-start` halves of async pairs are counted; an
+    all-gather-start's result tuple holds its operands first, which are left out). Ops inside a
+    while loop count once. A cross-check of the analytic traffic in semantica_jax.hardware."""
+    out: dict[str, list[float]] = {}
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE_OP.search(line)
+        if not m or " = " not in line[: m.start()]:
+            continue
+        arrays = _ARRAY_TYPE.findall(line[line.index(" = ") + 3: m.start()])
+        if m.group(2) and m.group(1) in ("all-gather", "collective-permute"):
+            arrays = arrays[len(arrays) // 2:] if m.group(1) == "all-gather" else arrays[:1]
+        size = sum(_DTYPE_BYTES.get(t, 1) * math.prod(int(d) for d in dims.split(",") if d)
+                   for t, dims in arrays)
+        entry = out.setdefault(m.group(1), [0, 0.0])
+        entry[0] += 1
+        entry[1] += size
+    return out
 
 
 def prepare_config(config: Any) -> Any:
@@ -372,15 +445,283 @@ def prepare_config(config: Any) -> Any:
     return config
 
 
+# ============================================================================ per-topology plan
+@dataclasses.dataclass
+class PlanRow:
+    """One candidate batch of a plan: memory (compiled or fitted) and the step's roofline."""
+
+    batch_per_device: int
+    global_batch: int
+    peak_bytes: float | None
+    compiled: bool  # peak_bytes from a compile at this batch (else the linear fit of the probes)
+    fits: bool  # with the plan's headroom
+    estimate: hardware.StepEstimate
+
+
+@dataclasses.dataclass
+class Plan:
+    """What `--plan` found for one config on one target."""
+
+    target: Target
+    chip: hardware.Chip
+    mesh: dict[str, int]
+    ici: dict[str, int]
+    dcn: dict[str, int]
+    params: int
+    remat: bool
+    mfu: float
+    headroom: float
+    usable_bytes: int
+    collectives: list[hardware.Collective]
+    rows: list[PlanRow]
+    recommended: PlanRow | None
+    config_batch: int  # the config's global batch
+    reports: list[Report]  # every compile the plan ran
+
+    def config_row(self) -> PlanRow | None:
+        return next((r for r in self.rows if r.global_batch == self.config_batch), None)
+
+    def strategy(self) -> str:
+        parts = []
+        for axis, name in (("data", "data-parallel"), ("fsdp", "FSDP"), ("model", "model-parallel")):
+            n = self.mesh[axis]
+            if n > 1:
+                dcn = self.dcn.get(axis, 1)
+                across = f" = {self.ici[axis]} x {dcn} {self.chip.granule}s" if dcn > 1 else ""
+                parts.append(f"{name} over {n}{across}")
+        return ", ".join(parts) or "one device"
+
+    def text(self) -> str:
+        chip, gib = self.chip, lambda b: f"{b / GIB:.2f}"
+        dcn = f"{chip.dcn_bytes_per_s / 1e9:.2f} GB/s" if chip.dcn_bytes_per_s else "not documented"
+        lines = [
+            f"plan       {self.target.name}: {self.strategy()}; {self.params / 1e6:.1f} M trained params"
+            f"{' (blocks rematerialised)' if self.remat else ''}",
+            f"           roofline: compute at {100 * self.mfu:.0f}% of {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s "
+            f"bf16; ICI {chip.ici_bytes_per_s / 1e9:.0f} GB/s, DCN {dcn} per device and direction",
+            "           collectives per step: " + "; ".join(
+                f"{c.what} {c.bytes / 1e6:.0f} MB" for c in self.collectives) if self.collectives
+            else "           collectives per step: none (one device)",
+            f"{'batch/dev':>10} {'global':>7} {'peak GiB':>12} {'TFLOP/dev':>10} {'compute ms':>11} "
+            f"{'ICI ms':>7} {'DCN ms':>7} {'bound':>13} {'ex/s/dev':>9} {'dev-h/100M pairs':>17} "
+            f"{'(no overlap)':>12}",
+        ]
+        for r in self.rows:
+            e = r.estimate
+            mem = "-" if r.peak_bytes is None else ("" if r.compiled else "~") + gib(r.peak_bytes)
+            mem += "" if r.fits else "!"
+            lines.append(
+                f"{r.batch_per_device:>10} {r.global_batch:>7} {mem:>12} {e.flops / 1e12:>10.3f} "
+                f"{1e3 * e.compute_s:>11.2f} {1e3 * e.ici_s:>7.2f} {1e3 * e.dcn_s:>7.2f} {e.bound:>13} "
+                f"{e.examples_per_s:>9.1f} {e.chip_hours_per_budget:>17.1f} {e.chip_hours_serial:>12.1f}")
+        lines.append(f"           peak: compiled, ~ fitted through the compiled probes, ! less than "
+                     f"{100 * self.headroom:.0f}% headroom of {gib(self.usable_bytes)} GiB usable")
+        own = self.config_row()
+        if own is None:
+            lines.append(f"config     global batch {self.config_batch} is not a whole number of examples per "
+                         "batch shard here")
+        else:
+            e = own.estimate
+            lines.append(
+                f"config     global batch {own.global_batch} ({own.batch_per_device} per device): "
+                f"{e.bound}-bound (communication {e.comm_s / e.compute_s:.2f} x compute), "
+                f"{'fits' if own.fits else 'DOES NOT FIT'} with {100 * self.headroom:.0f}% headroom "
+                f"({'compiled' if own.compiled else 'fitted'})")
+        r = self.recommended
+        if r is None:
+            lines.append("recommend  nothing fits with the headroom: shard more (FSDP), rematerialise, or "
+                         "use a bigger chip")
+        else:
+            e = r.estimate
+            lines.append(
+                f"recommend  {r.batch_per_device} per device (global batch {r.global_batch}): "
+                f"{e.bound}-bound (communication {e.comm_s / e.compute_s:.2f} x compute), "
+                f"peak {gib(r.peak_bytes)} GiB ({100 * (1 - r.peak_bytes / self.usable_bytes):.0f}% headroom, "
+                f"{'compiled' if r.compiled else 'fitted'}), {1e3 * e.step_s:.1f} ms/step, "
+                f"{e.examples_per_s:.0f} examples/s/device, {e.chip_hours_per_budget:.0f} device-hours "
+                f"per 100 M pairs ({e.chip_hours_serial:.0f} if communication does not overlap)")
+        return "\n".join(lines)
+
+    def markdown_row(self) -> str:
+        r = self.recommended
+        if r is None:
+            return f"| {self.target.name} | {self.strategy()} | — | — | does not fit | — | — | — | — |"
+        e = r.estimate
+        return (f"| {self.target.name} | {self.strategy()} | {r.batch_per_device} ({r.global_batch}) | "
+                f"{r.peak_bytes / GIB:.2f} / {self.usable_bytes / GIB:.2f} | {e.flops / 1e12:.3f} | "
+                f"{1e3 * e.compute_s:.1f} | {1e3 * e.comm_s:.2f} | {e.bound} | "
+                f"{e.examples_per_s:.0f} | {e.chip_hours_per_budget:.0f} ({e.chip_hours_serial:.0f}) |")
+
+    def record(self) -> dict:
+        return dict(
+            target=self.target.name, chip=self.chip.name, mesh=self.mesh, ici=self.ici, dcn=self.dcn,
+            params=self.params, remat=self.remat, mfu=self.mfu, headroom=self.headroom,
+            usable_bytes=self.usable_bytes, collectives=[dataclasses.asdict(c) for c in self.collectives],
+            rows=[dict(batch_per_device=r.batch_per_device, global_batch=r.global_batch,
+                       peak_bytes=r.peak_bytes, compiled=r.compiled, fits=r.fits,
+                       compute_s=r.estimate.compute_s, ici_s=r.estimate.ici_s, dcn_s=r.estimate.dcn_s,
+                       flops=r.estimate.flops, bound=r.estimate.bound,
+                       examples_per_s=r.estimate.examples_per_s,
+                       chip_hours_per_100m_pairs=r.estimate.chip_hours_per_budget,
+                       chip_hours_per_100m_pairs_serial=r.estimate.chip_hours_serial) for r in self.rows],
+            recommended=None if self.recommended is None else self.recommended.batch_per_device,
+            config_batch=self.config_batch,
+            compiles=[dataclasses.asdict(r) for r in self.reports],
+        )
+
+
+PLAN_MARKDOWN_HEADER = (
+    "| target | sharding | batch per device (global) | peak / usable GiB | TFLOP/step/device | "
+    "compute ms | communication ms | bound | examples/s/device | device-hours per 100 M pairs "
+    "(no overlap) |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _with_batch(config: Any, global_batch: int) -> Any:
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.batch_size = int(global_batch)
+    return config
+
+
+def plan_target(
+    config: Any, target: Target, *, num_slices: int = 1, gpu_mem_fraction: float = 0.90,
+    mfu: float = hardware.DEFAULT_MFU, headroom: float = 0.2, probes: Sequence[int] = (1, 4),
+    max_batch: int = 1024, log=print,
+) -> Plan:
+    """Per-device batches for `config` on `target`: memory from compiles, the step's roofline.
+
+    Compiles the step at the `probes` per-device batches, fits peak memory and FLOPs per device
+    linearly in the batch, lists the powers of two up to the largest batch that keeps `headroom`
+    of the usable HBM free (at most `max_batch`), and recommends the smallest of them that is
+    compute-bound (hardware.recommend), which it then compiles to check the memory. GPU targets
+    take FLOPs from the unpartitioned program (XLA:GPU gives no cost analysis).
+    """
+    from semantica_jax import sharding
+
+    chip = hardware.CHIPS[target.chip]
+    devices = topology_devices(target, num_slices)
+    _, granules = sharding.device_granules(devices)
+    shape = sharding.resolve_mesh_shape(config.mesh, len(devices), len(granules))
+    ici = dict(zip(sharding.MESH_AXES, shape.ici))
+    dcn = dict(zip(sharding.MESH_AXES, shape.dcn))
+    mesh = dict(zip(sharding.MESH_AXES, shape.shape))
+    batch_shards = mesh["data"] * mesh["fsdp"]
+    per_device = lambda b: b * batch_shards / len(devices)  # examples per device (model axis shares them)
+    reports: dict[int, Report] = {}
+    flops: dict[int, float] = {}
+
+    def compile_at(b: int) -> Report:
+        log(f"           compiling {target.name} at {b} per batch shard (global batch {b * batch_shards})",
+            flush=True)
+        cfg = _with_batch(config, b * batch_shards)
+        report = compile_report(cfg, target, num_slices=num_slices, gpu_mem_fraction=gpu_mem_fraction)
+        reports[b] = report
+        if report.flops_compiled:
+            flops[b] = report.flops_compiled
+        elif report.peak_bytes is not None:
+            flops[b] = program_flops(cfg) / len(devices)
+        log("\n".join("           " + l for l in report.text().splitlines()), flush=True)
+        return report
+
+    for b in probes:
+        compile_at(b)
+    fitted = [(b, r.peak_bytes) for b, r in reports.items() if r.peak_bytes is not None]
+    if len(fitted) < 2:
+        raise RuntimeError(f"{target.name}: the step fits at fewer than two of the probe batches "
+                           f"{list(probes)}; try smaller --plan_probes, FSDP or remat")
+    params = next(iter(reports.values())).params
+    memory = hardware.Linear.fit(fitted)
+    flop_fit = hardware.Linear.fit(list(flops.items()))
+    usable = next(iter(reports.values())).usable_bytes
+    limit = (1.0 - headroom) * usable
+    collectives = hardware.gradient_collectives(params, ici=ici, dcn=dcn, remat=bool(config.model.remat))
+
+    def row(b: int) -> PlanRow:
+        r = reports.get(b)
+        compiled = r is not None
+        peak = (r.peak_bytes if compiled else memory(b))
+        fits = peak is not None and peak <= limit
+        est = hardware.estimate_step(chip, flops_per_device=flops.get(b, flop_fit(b)),
+                                     batch_per_device=per_device(b), collectives=collectives, mfu=mfu)
+        return PlanRow(b, b * batch_shards, peak, compiled, fits, est)
+
+    largest = min(max_batch, memory.largest_x(limit))
+    own = config.batch_size / batch_shards  # the config's own batch, listed whether or not it fits
+    own = [int(own)] if own == int(own) and own >= 1 else []
+    while True:
+        batches = sorted(set(hardware.powers_of_two(largest)) | set(reports) | set(own))
+        rows = [row(b) for b in batches]
+        best = hardware.recommend([r.estimate for r in rows], [r.fits for r in rows])
+        chosen = next((r for r in rows if best is not None and r.estimate is best), None)
+        if chosen is None or chosen.compiled:
+            break
+        compile_at(chosen.batch_per_device)  # check the fitted memory; a miss shrinks the list
+        if not row(chosen.batch_per_device).fits:
+            largest = chosen.batch_per_device / 2
+    rows = [row(b) for b in batches]
+    chosen = next((r for r in rows if chosen is not None and r.batch_per_device == chosen.batch_per_device), None)
+    return Plan(target=target, chip=chip, mesh=mesh, ici=ici, dcn=dcn, params=params,
+                remat=bool(config.model.remat), mfu=mfu, headroom=headroom, usable_bytes=usable,
+                collectives=collectives, rows=rows, recommended=chosen,
+                config_batch=int(config.batch_size),
+                reports=[reports[b] for b in sorted(reports)])
+
+
 # ============================================================================ command line
+def reports_from_json(path: str) -> list[Report]:
+    """The compile reports an earlier `--json` run appended (plan records: their compiles)."""
+    names = {f.name for f in dataclasses.fields(Report)}
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from e
+            for r in record["plan"]["compiles"] if "plan" in record else [record]:
+                out.append(Report(**{k: v for k, v in r.items() if k in names}))
+    return out
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _FROM_JSON.value:
+        reports = reports_from_json(_FROM_JSON.value)
+        for r in reports:
+            print(r.text())
+        if _MARKDOWN.value:
+            print("\n" + MARKDOWN_HEADER)
+            for r in reports:
+                print(r.markdown_row())
+        return
     config = prepare_config(_CONFIG.value)
     targets = [target_for(t) for t in _TOPOLOGY.value.split(",") if t.strip()]
     if not targets:
         raise app.UsageError("--topology is empty")
     print(f"config     {_CONFIG_PATH()}", flush=True)
+    if _PLAN.value:
+        plans = []
+        for target in targets:
+            plan = plan_target(
+                config, target, num_slices=_NUM_SLICES.value, gpu_mem_fraction=_GPU_MEM_FRACTION.value,
+                mfu=_MFU.value, headroom=_HEADROOM.value,
+                probes=[int(b) for b in _PLAN_PROBES.value], max_batch=_PLAN_MAX_BATCH.value)
+            plans.append(plan)
+            print(plan.text(), flush=True)
+            if _JSON.value:
+                with open(_JSON.value, "a") as f:
+                    f.write(json.dumps({"config": _CONFIG_PATH(), "plan": plan.record()}) + "\n")
+        if _MARKDOWN.value:
+            print("\n" + PLAN_MARKDOWN_HEADER)
+            for p in plans:
+                print(p.markdown_row())
+        if any(p.recommended is None for p in plans):
+            sys.exit(1)
+        return
     t0 = time.perf_counter()
     total = program_flops(config)
     print(f"           unpartitioned step: {total:.4e} FLOPs ({time.perf_counter() - t0:.1f} s)", flush=True)
@@ -415,6 +756,20 @@ if __name__ == "__main__":
         "gpu_mem_fraction", 0.90, "Share of GPU HBM JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION).")
     _JSON = flags.DEFINE_string("json", None, "Append one JSON line per target to this file.")
     _MARKDOWN = flags.DEFINE_bool("markdown", False, "Also print a markdown table (docs/SCALE.md).")
-    flags.mark_flags_as_required(["config", "topology"])
+    _PLAN = flags.DEFINE_bool(
+        "plan", False, "Plan the per-device batch: compile at --plan_probes, fit memory and FLOPs, "
+        "print each power-of-two batch's memory, roofline (compute vs communication) and "
+        "device-hours per 100 M pairs, and recommend one (semantica_jax/hardware.py).")
+    _MFU = flags.DEFINE_float("mfu", hardware.DEFAULT_MFU, "Plan: fraction of the bf16 peak the compute runs at.")
+    _HEADROOM = flags.DEFINE_float("headroom", 0.2, "Plan: share of the usable HBM to keep free.")
+    _PLAN_PROBES = flags.DEFINE_list("plan_probes", ["1", "4"], "Plan: per-device batches to compile.")
+    _PLAN_MAX_BATCH = flags.DEFINE_integer("plan_max_batch", 1024, "Plan: largest per-device batch listed.")
+    _FROM_JSON = flags.DEFINE_string(
+        "from_json", None, "Print the reports (with their roofline) of an earlier --json file; "
+        "compiles nothing, needs no --config / --topology.")
+    flags.register_multi_flags_validator(
+        ["config", "topology", "from_json"],
+        lambda f: f["from_json"] is not None or (f["config"] is not None and f["topology"] is not None),
+        message="--config and --topology are required (unless --from_json)")
     _CONFIG_PATH = lambda: config_flags.get_config_filename(flags.FLAGS["config"])
     app.run(main)

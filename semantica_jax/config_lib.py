@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 from typing import Any
 
@@ -241,6 +242,26 @@ def default_config() -> ml_collections.ConfigDict:
 
 class ConfigError(ValueError):
     """A config, data path or size problem found before anything is compiled."""
+
+
+def scale_to_batch(config: ml_collections.ConfigDict, batch_size: int) -> ml_collections.ConfigDict:
+    """The same run at another global batch: measured in training pairs, nothing else changes.
+
+    Steps, warm-up and the EMA's horizon keep their length in pairs (steps and warm-up divided by
+    r = new / old batch, the EMA decay raised to the power r), and the learning rate follows the
+    square-root rule for Adam-type optimisers (x sqrt(r); Malladi et al. 2022, "On the SDEs and
+    Scaling Rules for Adaptive Gradient Algorithms"). Logging, checkpoint and eval intervals stay
+    in steps. Modifies and returns `config`.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: expected a positive global batch")
+    r = batch_size / config.batch_size
+    config.batch_size = int(batch_size)
+    config.optimizer.learning_rate = float(config.optimizer.learning_rate * math.sqrt(r))
+    config.optimizer.warmup_steps = max(1, round(config.optimizer.warmup_steps / r))
+    config.optimizer.ema_decay = float(config.optimizer.ema_decay ** r)
+    config.train.num_steps = max(1, round(config.train.num_steps / r))
+    return config
 
 
 def parse_variant(arg: str | None) -> dict[str, Any]:

@@ -1,0 +1,242 @@
+"""Accelerator facts and the roofline of a data-parallel / FSDP train step on them.
+
+What a team budgets a pod run with: for a chip generation, its memory, bf16 peak and interconnect
+bandwidths (`CHIPS`, each figure from the vendor page in `Chip.source`), and for a step with a known
+FLOP count per chip and a known sharding, the time its compute and its gradient communication take
+(`estimate_step`), which of the two bounds the step, and the chip-hours per 100 M training pairs.
+`launch/compile_for.py --plan` feeds it the compiled program's numbers; docs/SCALE.md explains the
+model and its tables. Pure arithmetic: nothing here imports JAX.
+
+The model, per device and step:
+  * compute = FLOPs / (bf16 peak x `mfu`), `mfu` the assumed fraction of the peak the step reaches;
+  * communication = the collectives that data parallelism and FSDP need, each at the bandwidth
+    term of the ring (bucket) algorithm: an all-reduce of S bytes over n devices moves
+    2 (n - 1) / n x S bytes through every device's links, a reduce-scatter or all-gather
+    (n - 1) / n x S. Over an axis that spans granules (TPU slices, GPU hosts) the collective is
+    hierarchical: the in-granule part on ICI / NVLink with S, the cross-granule part on DCN /
+    the NICs with S / (devices of the axis in one granule).
+  * Data parallelism all-reduces the float32 gradient (4 bytes per parameter, divided by the
+    FSDP and model shards); FSDP reduce-scatters it and all-gathers the float32 parameters before
+    the forward pass (and again for the backward pass when blocks are rematerialised).
+  * The step takes max(compute, communication) when XLA overlaps the gradient collectives with the
+    backward pass (its default on TPU and GPU), compute + communication when it cannot; the plan
+    reports the first and calls a step communication-bound when communication exceeds
+    `COMM_MARGIN` x compute, so that it stays hidden at half the documented bandwidth.
+Not modelled: the latency term of each collective (microseconds; it matters for very small
+models), activation traffic of a `model` (tensor-parallel) axis, input-pipeline and host overheads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+GIB = 1024**3
+GB = 1e9
+
+# A step is called communication-bound when its communication exceeds this fraction of its compute:
+# at half the documented bandwidth it would then no longer hide under the backward pass.
+COMM_MARGIN = 0.5
+# The fraction of the bf16 peak the compute is assumed to run at (overridable per estimate).
+DEFAULT_MFU = 0.5
+PAIRS_BUDGET = 100e6  # chip-hours are quoted per this many training pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator generation, per chip (= one JAX device; v4 / v5p in megacore mode).
+
+    ici_bytes_per_s: what one chip can put on its interconnect links in one direction, i.e. the
+      bandwidth an all-reduce over the slice / node uses per chip (for TPUs the pages' "all-reduce
+      bandwidth per Pod" / chips, or half the bidirectional ICI bandwidth per chip; for H100 half of
+      NVLink's 900 GB/s bidirectional).
+    dcn_bytes_per_s: the same between granules (TPU slices over the data-centre network, GPU hosts
+      over their NICs); None where the vendor page gives no figure.
+    """
+
+    name: str
+    hbm_bytes: int
+    peak_bf16_flops: float
+    ici_bytes_per_s: float
+    dcn_bytes_per_s: float | None
+    granule: str  # what a DCN hop connects: 'slice' (TPU) | 'host' (GPU)
+    source: str
+
+
+CHIPS = {
+    "v4": Chip("v4", 32 * GIB, 275e12, ici_bytes_per_s=1.1e15 / 4096, dcn_bytes_per_s=None,
+               granule="slice",
+               source="https://cloud.google.com/tpu/docs/v4 (32 GiB HBM2, 275 TFLOP/s bf16, "
+                      "all-reduce bandwidth 1.1 PB/s per 4,096-chip pod; no DCN figure)"),
+    "v5e": Chip("v5e", 16 * GIB, 197e12, ici_bytes_per_s=400 * GB / 2, dcn_bytes_per_s=6.4e12 / 8 / 256,
+                granule="slice",
+                source="https://cloud.google.com/tpu/docs/v5e (16 GiB, 197 TFLOP/s bf16, ICI 400 GB/s "
+                       "bidirectional per chip = all-reduce 51.2 TB/s per 256-chip pod, DCN 6.4 Tbps per pod)"),
+    "v5p": Chip("v5p", 95 * GIB, 459e12, ici_bytes_per_s=1200 * GB / 2, dcn_bytes_per_s=50e9 / 8,
+                granule="slice",
+                source="https://cloud.google.com/tpu/docs/v5p (95 GiB, 459 TFLOP/s bf16, ICI 1,200 GB/s "
+                       "bidirectional per chip, DCN 50 Gbps per chip)"),
+    "v6e": Chip("v6e", 32 * GIB, 918e12, ici_bytes_per_s=800 * GB / 2, dcn_bytes_per_s=None,
+                granule="slice",
+                source="https://cloud.google.com/tpu/docs/v6e (32 GB, 918 TFLOP/s bf16, ICI 800 GB/s "
+                       "bidirectional per chip = all-reduce 102.4 TB/s per 256-chip pod)"),
+    # The "80 GB" H100 reports 84,942,979,072 bytes to CUDA.
+    "h100": Chip("h100", 84_942_979_072, 989e12, ici_bytes_per_s=900 * GB / 2,
+                 dcn_bytes_per_s=400e9 / 8, granule="host",
+                 source="NVIDIA H100 SXM data sheet (80 GB HBM3, 989 TFLOP/s dense bf16, NVLink 900 GB/s "
+                        "bidirectional); DGX H100 user guide (8 x 400 Gb/s ConnectX-7, one per GPU)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective a step runs: `bytes` is S, the whole (unsharded over the group) buffer."""
+
+    what: str  # e.g. 'gradient all-reduce (data)'
+    kind: str  # 'all-reduce' | 'reduce-scatter' | 'all-gather'
+    bytes: float
+    ici_group: int  # devices of the axis inside one granule
+    dcn_group: int  # granules the axis spans
+
+    def seconds(self, chip: Chip) -> tuple[float, float]:
+        """(ICI seconds, DCN seconds) of the ring algorithm's bandwidth term."""
+        factor = {"all-reduce": 2.0, "reduce-scatter": 1.0, "all-gather": 1.0}[self.kind]
+        ring = lambda n: factor * (n - 1) / n
+        ici = ring(self.ici_group) * self.bytes / chip.ici_bytes_per_s
+        if self.dcn_group <= 1:
+            return ici, 0.0
+        if chip.dcn_bytes_per_s is None:
+            raise ValueError(f"{chip.name}: no documented DCN bandwidth, so a mesh across "
+                             f"{self.dcn_group} {chip.granule}s cannot be estimated")
+        return ici, ring(self.dcn_group) * (self.bytes / self.ici_group) / chip.dcn_bytes_per_s
+
+
+def gradient_collectives(
+    num_params: int, *, ici: dict[str, int], dcn: dict[str, int] | None = None,
+    remat: bool = False, param_bytes: int = 4,
+) -> list[Collective]:
+    """The per-step collectives of data parallelism over `data` and FSDP over `fsdp`.
+
+    `ici` / `dcn`: the resolved mesh factors inside a granule and across granules (keys 'data',
+    'fsdp', 'model'); axis size = ici x dcn. Parameters, gradients and the all-gathered copies are
+    `param_bytes` wide (float32 master weights).
+    """
+    dcn = dcn or {}
+    size = lambda axis: ici.get(axis, 1) * dcn.get(axis, 1)
+    total = param_bytes * num_params / size("model")
+    out = []
+    if size("fsdp") > 1:
+        group = dict(ici_group=ici.get("fsdp", 1), dcn_group=dcn.get("fsdp", 1))
+        out.append(Collective("gradient reduce-scatter (fsdp)", "reduce-scatter", total, **group))
+        out.append(Collective("parameter all-gather, forward (fsdp)", "all-gather", total, **group))
+        if remat:
+            out.append(Collective("parameter all-gather, rematerialised backward (fsdp)",
+                                  "all-gather", total, **group))
+    if size("data") > 1:
+        out.append(Collective("gradient all-reduce (data)", "all-reduce", total / size("fsdp"),
+                              ici_group=ici.get("data", 1), dcn_group=dcn.get("data", 1)))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEstimate:
+    """The roofline of one train step, per device."""
+
+    batch_per_device: float
+    flops: float  # per device
+    compute_s: float
+    ici_s: float
+    dcn_s: float
+    mfu: float
+
+    @property
+    def comm_s(self) -> float:
+        return self.ici_s + self.dcn_s
+
+    @property
+    def step_s(self) -> float:
+        """With the gradient collectives overlapped with the backward pass."""
+        return max(self.compute_s, self.comm_s)
+
+    @property
+    def step_serial_s(self) -> float:
+        """Without overlap: the communication after the compute (the pessimistic end)."""
+        return self.compute_s + self.comm_s
+
+    @property
+    def bound(self) -> str:
+        return "communication" if self.comm_s > COMM_MARGIN * self.compute_s else "compute"
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.batch_per_device / self.step_s
+
+    @property
+    def chip_hours_per_budget(self) -> float:
+        """Chip-hours (device-hours) to train on PAIRS_BUDGET pairs, communication overlapped."""
+        return PAIRS_BUDGET / self.examples_per_s / 3600.0
+
+    @property
+    def chip_hours_serial(self) -> float:
+        """The same without overlap."""
+        return PAIRS_BUDGET * self.step_serial_s / self.batch_per_device / 3600.0
+
+
+def estimate_step(
+    chip: Chip, *, flops_per_device: float, batch_per_device: float,
+    collectives: Sequence[Collective], mfu: float = DEFAULT_MFU,
+) -> StepEstimate:
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu={mfu}: expected a fraction of the peak in (0, 1]")
+    ici = dcn = 0.0
+    for c in collectives:
+        i, d = c.seconds(chip)
+        ici, dcn = ici + i, dcn + d
+    return StepEstimate(batch_per_device=batch_per_device, flops=flops_per_device,
+                        compute_s=flops_per_device / (chip.peak_bf16_flops * mfu),
+                        ici_s=ici, dcn_s=dcn, mfu=mfu)
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """y = intercept + slope x, fitted through measured points (per-device memory or FLOPs vs batch)."""
+
+    intercept: float
+    slope: float
+
+    @classmethod
+    def fit(cls, points: Sequence[tuple[float, float]]) -> "Linear":
+        if len({x for x, _ in points}) < 2:
+            raise ValueError(f"need measurements at two batch sizes, got {sorted(points)}")
+        n = len(points)
+        mx = sum(x for x, _ in points) / n
+        my = sum(y for _, y in points) / n
+        slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+        return cls(my - slope * mx, slope)
+
+    def __call__(self, x: float) -> float:
+        return self.intercept + self.slope * x
+
+    def largest_x(self, y_max: float) -> float:
+        """The largest x with y <= y_max (inf when y does not grow with x)."""
+        if self.slope <= 0:
+            return math.inf if self.intercept <= y_max else -math.inf
+        return (y_max - self.intercept) / self.slope
+
+
+def powers_of_two(upto: float, start: int = 1) -> list[int]:
+    out, b = [], start
+    while b <= upto:
+        out.append(b)
+        b *= 2
+    return out
+
+
+def recommend(estimates: Sequence[StepEstimate], fits: Sequence[bool]) -> StepEstimate | None:
+    """The smallest batch that is compute-bound and fits (the most sample-efficient of the
+    efficient ones); failing that, the largest that fits."""
+    ok = [e for e, f in zip(estimates, fits) if f]
+    for e in sorted(ok, key=lambda e: e.batch_per_device):
+        if e.bound == "compute":
+            return e
+    return max(ok, key=lambda e: e.batch_per_device) if ok else None
