@@ -21,7 +21,25 @@ Variants (`experiments/semantica_base.py:key=value,...`):
                   (float32; compute stays bfloat16) sharded over all chips of a slice
                   (mesh data=1, fsdp=-1; slices stay data-parallel, dcn_data=-1), and
                   transformer blocks rematerialised (remat_policy=dots_with_no_batch_dims_saveable)
+  batch=N         global batch N (default 1024); the recipe follows config_lib.scale_to_batch:
+                  the same run in training pairs (steps, warm-up and EMA horizon), learning
+                  rate x sqrt(N / 256) from 1e-4 at the reference batch 256
+  topology=NAME   the batch the pod plan recommends for NAME (v5e-256, v4-64, v5p-128, h100-8),
+                  rescaled the same way; size=S only (plan other sizes with --plan, pass batch=)
   runlocal        batch 8, 3 steps, random encoder at 56 px: checks the config runs on a laptop
+Pod plan (`python launch/compile_for.py --config=experiments/semantica_base.py --topology=T --plan`;
+compute at 50% of the bf16 peak vs the bfloat16 gradient all-reduce, 171 MB, at the chip's
+documented ICI bandwidth; data-parallel; docs/SCALE.md has the full tables and the model):
+  topology  recommended batch/chip (global)  compute ms  all-reduce ms  device-h/100M pairs
+  v5e-256   4 (1024)                         13.4        1.70           93
+  v4-64     8 (256)                          19.2        1.23           67
+  v5p-128   8 (512)                          11.5        0.56           40
+  h100-8    32 (256)                         18.6        0.66           16
+  "Recommended" = the smallest power of two per chip that fits with >= 20% HBM headroom, is
+  compute-bound (communication <= 0.5 x compute) and computes >= 10 ms per step. The default
+  global batch 1024 is compute-bound on all four (communication 0.13 / 0.02 / 0.02 / 0.01 x
+  compute) and fits (peak 2.55 / ~8.2 / ~6.0 / 22.3 GiB per chip); the previous default, 256,
+  was communication-bound on v5e-256 (1 per chip: 3.37 ms of compute, 1.70 ms all-reduce).
 What it should show: loss decreasing, and samples (grids in TensorBoard) that are diverse variations
 keeping the condition's semantics; reconstruction pairing (`--config.data.pairing=reconstruction`)
 should give near-copies instead.
@@ -39,14 +57,23 @@ What the tiny recipe's ablation (docs/RECIPE.md) changes here, and why not more:
 from semantica_jax import config_lib
 from semantica_jax.models import unet, vit
 
-_VARIANT_KEYS = {"size", "encoder", "res", "fsdp", "runlocal"}
+_VARIANT_KEYS = {"size", "encoder", "res", "fsdp", "runlocal", "batch", "topology"}
+
+# The optimiser settings below are written for this global batch; other batches get the same run
+# in training pairs (config_lib.scale_to_batch: steps, warm-up and EMA horizon in pairs, the
+# learning rate x sqrt(batch ratio)).
+REFERENCE_BATCH = 256
+DEFAULT_BATCH = 1024
+# `topology=NAME`: the global batch `launch/compile_for.py --plan` recommends for the S denoiser
+# (the table in the docstring; docs/SCALE.md).
+PLANNED_BATCH = {"v5e-256": 1024, "v4-64": 256, "v5p-128": 512, "h100-8": 256}
 
 
 def get_config(arg=None):
     v = config_lib.parse_variant(arg)
     config_lib.check_variant_keys(v, _VARIANT_KEYS, "semantica_base")
     c = config_lib.default_config()
-    c.batch_size = 256
+    c.batch_size = REFERENCE_BATCH
     c.data.image_size = int(v.get("res", 64))
     c.model.size = str(v.get("size", "S"))
     if c.model.size not in unet.SIZES:
@@ -66,7 +93,18 @@ def get_config(arg=None):
     c.optimizer.learning_rate = 1e-4
     c.optimizer.warmup_steps = 5_000
     c.optimizer.ema_decay = 0.9999
-    c.train.num_steps = 500_000
+    c.train.num_steps = 500_000  # 128 M pairs at the reference batch
+
+    if "batch" in v and "topology" in v:
+        raise ValueError("semantica_base: give batch= or topology=, not both")
+    if "topology" in v:
+        if c.model.size != "S":
+            raise ValueError(f"semantica_base: topology= plans exist for size=S only; for size={c.model.size} "
+                             "run launch/compile_for.py --plan and pass batch=")
+        if v["topology"] not in PLANNED_BATCH:
+            raise ValueError(f"semantica_base: topology={v['topology']!r}; planned: {sorted(PLANNED_BATCH)}")
+    batch = int(PLANNED_BATCH[v["topology"]] if "topology" in v else v.get("batch", DEFAULT_BATCH))
+    config_lib.scale_to_batch(c, batch)
 
     if v.get("fsdp"):
         c.mesh.data, c.mesh.fsdp, c.mesh.model = 1, -1, 1

@@ -14,12 +14,14 @@ the jitted, state-donating update step and prints, per device: peak memory again
 executables cannot run here. Config overrides work as for main.py (`--config.mesh.fsdp=-1`).
 
 `--plan` picks the per-device batch for a target: it compiles the step at `--plan_probes` per-device
-batches (default 1 and 4), fits per-device peak memory and FLOPs linearly in the batch, and prints for
+batches (default 1 and 4) and at the config's own batch, fits per-device peak memory (through the two
+largest compiled batches) and FLOPs linearly in the batch, and prints for
 every power-of-two batch up to the largest that keeps `--headroom` (20%) of the HBM free: memory,
 compute time at `--mfu` (50%) of the bf16 peak, the gradient all-reduce / reduce-scatter + all-gather
 time at the chip's documented ICI / DCN bandwidth, which of the two bounds the step, examples/s per
 device and device-hours per 100 M training pairs (semantica_jax/hardware.py has the model and the
-figures). It recommends the smallest compute-bound batch, compiles it to check its memory, and says
+figures). It recommends the smallest batch that is compute-bound and computes for at least
+`--plan_min_step_ms` (10 ms) per step, compiles it to check its memory, and says
 whether the config's own batch is compute-bound. Every compile also prints its roofline.
 
 Needs `pip install 'jax[tpu]==0.10.2'` (libtpu 0.0.42.1) for TPU targets and
@@ -248,6 +250,9 @@ class Report:
     ici: dict[str, int] | None = None  # mesh factors inside a granule (None: the whole mesh)
     dcn: dict[str, int] | None = None  # ... and across granules (None: one granule)
     remat: bool = False
+    # Bytes per parameter of the gradient collectives: XLA reduces the gradient at the compute
+    # dtype (bfloat16 steps all-reduce 2 bytes per parameter; measured, see collectives).
+    grad_bytes: int = 4
 
     def estimate(self, mfu: float = hardware.DEFAULT_MFU) -> hardware.StepEstimate | None:
         """The roofline of this compiled step (semantica_jax.hardware), None without a FLOP count."""
@@ -255,7 +260,8 @@ class Report:
         if not flops or self.peak_bytes is None:
             return None
         collectives = hardware.gradient_collectives(
-            self.params, ici=self.ici or self.mesh, dcn=self.dcn, remat=self.remat)
+            self.params, ici=self.ici or self.mesh, dcn=self.dcn, remat=self.remat,
+            param_bytes=self.grad_bytes)
         return hardware.estimate_step(
             hardware.CHIPS[target_for(self.target).chip], flops_per_device=flops,
             batch_per_device=self.global_batch / self.devices, collectives=collectives, mfu=mfu)
@@ -353,6 +359,7 @@ def compile_report(
 ) -> Report:
     """Compiles the train step of `config` for `target`; never touches device memory."""
     import jax
+    import jax.numpy as jnp
 
     from semantica_jax import sharding, train
 
@@ -368,7 +375,7 @@ def compile_report(
     shape = sharding.resolve_mesh_shape(config.mesh, len(devices), len(granules))
     common = dict(
         ici=dict(zip(sharding.MESH_AXES, shape.ici)), dcn=dict(zip(sharding.MESH_AXES, shape.dcn)),
-        remat=bool(config.model.remat),
+        remat=bool(config.model.remat), grad_bytes=int(jnp.dtype(config.model.dtype).itemsize),
         target=target.name, platform=target.platform, topology=target.topology,
         num_slices=num_slices, devices=mesh.size,
         processes=len({d.process_index for d in devices}), mesh=dict(mesh.shape),
@@ -475,6 +482,7 @@ class Plan:
     collectives: list[hardware.Collective]
     rows: list[PlanRow]
     recommended: PlanRow | None
+    min_step_s: float
     config_batch: int  # the config's global batch
     reports: list[Report]  # every compile the plan ran
 
@@ -502,6 +510,10 @@ class Plan:
             "           collectives per step: " + "; ".join(
                 f"{c.what} {c.bytes / 1e6:.0f} MB" for c in self.collectives) if self.collectives
             else "           collectives per step: none (one device)",
+            "           compiled program: " + ("; ".join(
+                f"{kind} {nbytes / 1e6:.0f} MB in {int(ops)} ops"
+                for kind, (ops, nbytes) in sorted((self.reports[0].collectives or {}).items()))
+                or "no collectives counted"),
             f"{'batch/dev':>10} {'global':>7} {'peak GiB':>12} {'TFLOP/dev':>10} {'compute ms':>11} "
             f"{'ICI ms':>7} {'DCN ms':>7} {'bound':>13} {'ex/s/dev':>9} {'dev-h/100M pairs':>17} "
             f"{'(no overlap)':>12}",
@@ -525,8 +537,9 @@ class Plan:
             lines.append(
                 f"config     global batch {own.global_batch} ({own.batch_per_device} per device): "
                 f"{e.bound}-bound (communication {e.comm_s / e.compute_s:.2f} x compute), "
-                f"{'fits' if own.fits else 'DOES NOT FIT'} with {100 * self.headroom:.0f}% headroom "
-                f"({'compiled' if own.compiled else 'fitted'})")
+                f"{'fits with' if own.fits else 'DOES NOT FIT with'} >= {100 * self.headroom:.0f}% of the HBM "
+                f"free ({'compiled' if own.compiled else 'fitted'} peak "
+                f"{'n/a: out of memory' if own.peak_bytes is None else f'{own.peak_bytes / GIB:.2f} GiB'})")
         r = self.recommended
         if r is None:
             lines.append("recommend  nothing fits with the headroom: shard more (FSDP), rematerialise, or "
@@ -534,7 +547,10 @@ class Plan:
         else:
             e = r.estimate
             lines.append(
-                f"recommend  {r.batch_per_device} per device (global batch {r.global_batch}): "
+                f"recommend  the smallest batch that fits, is compute-bound and computes >= "
+                f"{1e3 * self.min_step_s:.0f} ms per step:")
+            lines.append(
+                f"           {r.batch_per_device} per device (global batch {r.global_batch}): "
                 f"{e.bound}-bound (communication {e.comm_s / e.compute_s:.2f} x compute), "
                 f"peak {gib(r.peak_bytes)} GiB ({100 * (1 - r.peak_bytes / self.usable_bytes):.0f}% headroom, "
                 f"{'compiled' if r.compiled else 'fitted'}), {1e3 * e.step_s:.1f} ms/step, "
@@ -587,92 +603,125 @@ def _with_batch(config: Any, global_batch: int) -> Any:
 def plan_target(
     config: Any, target: Target, *, num_slices: int = 1, gpu_mem_fraction: float = 0.90,
     mfu: float = hardware.DEFAULT_MFU, headroom: float = 0.2, probes: Sequence[int] = (1, 4),
-    max_batch: int = 1024, log=print,
+    max_batch: int = 1024, min_step_s: float = hardware.MIN_STEP_S, check_config: bool = True,
+    log=print,
 ) -> Plan:
     """Per-device batches for `config` on `target`: memory from compiles, the step's roofline.
 
-    Compiles the step at the `probes` per-device batches, fits peak memory and FLOPs per device
-    linearly in the batch, lists the powers of two up to the largest batch that keeps `headroom`
-    of the usable HBM free (at most `max_batch`), and recommends the smallest of them that is
-    compute-bound (hardware.recommend), which it then compiles to check the memory. GPU targets
-    take FLOPs from the unpartitioned program (XLA:GPU gives no cost analysis).
+    Compiles the step at the `probes` per-device batches and (unless `check_config` is False) at
+    the config's own batch, then `build_plan`; the batch it recommends is compiled too, to check
+    its memory. GPU targets take FLOPs from the unpartitioned program (XLA:GPU gives no cost
+    analysis).
     """
     from semantica_jax import sharding
 
-    chip = hardware.CHIPS[target.chip]
     devices = topology_devices(target, num_slices)
     _, granules = sharding.device_granules(devices)
     shape = sharding.resolve_mesh_shape(config.mesh, len(devices), len(granules))
-    ici = dict(zip(sharding.MESH_AXES, shape.ici))
-    dcn = dict(zip(sharding.MESH_AXES, shape.dcn))
-    mesh = dict(zip(sharding.MESH_AXES, shape.shape))
-    batch_shards = mesh["data"] * mesh["fsdp"]
-    per_device = lambda b: b * batch_shards / len(devices)  # examples per device (model axis shares them)
+    batch_shards = shape.shape[0] * shape.shape[1]  # data x fsdp
     reports: dict[int, Report] = {}
-    flops: dict[int, float] = {}
 
     def compile_at(b: int) -> Report:
         log(f"           compiling {target.name} at {b} per batch shard (global batch {b * batch_shards})",
             flush=True)
         cfg = _with_batch(config, b * batch_shards)
-        report = compile_report(cfg, target, num_slices=num_slices, gpu_mem_fraction=gpu_mem_fraction)
+        total = program_flops(cfg) if target.platform == "cuda" else None
+        report = compile_report(cfg, target, num_slices=num_slices, gpu_mem_fraction=gpu_mem_fraction,
+                                flops_program_total=total)
         reports[b] = report
-        if report.flops_compiled:
-            flops[b] = report.flops_compiled
-        elif report.peak_bytes is not None:
-            flops[b] = program_flops(cfg) / len(devices)
         log("\n".join("           " + l for l in report.text().splitlines()), flush=True)
         return report
 
-    for b in probes:
+    own = config.batch_size / batch_shards
+    # The config's own batch is compiled too, so that whether it fits is measured, not fitted.
+    extra = {int(own)} if check_config and own == int(own) and 1 <= own <= max_batch else set()
+    for b in sorted(set(probes) | extra):
         compile_at(b)
-    fitted = [(b, r.peak_bytes) for b, r in reports.items() if r.peak_bytes is not None]
+    return build_plan(target, reports, config_batch=int(config.batch_size), mfu=mfu,
+                      headroom=headroom, max_batch=max_batch, min_step_s=min_step_s,
+                      compile_at=compile_at)
+
+
+def build_plan(
+    target: Target, reports: dict[int, Report], *, config_batch: int, mfu: float = hardware.DEFAULT_MFU,
+    headroom: float = 0.2, max_batch: int = 1024, min_step_s: float = hardware.MIN_STEP_S,
+    compile_at=None,
+) -> Plan:
+    """The plan from compiles at several batches per batch shard (`reports`, keyed by it).
+
+    Fits per-device peak memory through the two largest compiled batches (at small batches fixed
+    buffers can hide the activations' growth: XLA:GPU reports the same peak at 1, 4 and 8
+    examples per H100) and FLOPs through all, lists the powers of two up to the largest batch
+    that keeps `headroom` of the usable HBM free (at most `max_batch`) plus the config's own, and
+    recommends the smallest that is compute-bound and computes for at least `min_step_s`
+    (hardware.recommend). With `compile_at`
+    (batch -> Report) a recommended batch that was not compiled is compiled to check its memory
+    (a miss shrinks the list); without it (re-printing a --json record) it stays fitted.
+    """
+    chip = hardware.CHIPS[target.chip]
+    first = reports[min(reports)]
+    mesh, ici, dcn = first.mesh, first.ici or first.mesh, first.dcn or {}
+    batch_shards = mesh["data"] * mesh["fsdp"]
+    fitted = sorted((b, r.peak_bytes) for b, r in reports.items() if r.peak_bytes is not None)
     if len(fitted) < 2:
-        raise RuntimeError(f"{target.name}: the step fits at fewer than two of the probe batches "
-                           f"{list(probes)}; try smaller --plan_probes, FSDP or remat")
-    params = next(iter(reports.values())).params
-    memory = hardware.Linear.fit(fitted)
+        raise RuntimeError(f"{target.name}: the step fits at fewer than two of the compiled batches "
+                           f"{sorted(reports)}; try smaller --plan_probes, FSDP or remat")
+    memory = hardware.Linear.fit(fitted[-2:])
+    flops = {b: r.flops_compiled or r.flops_program for b, r in reports.items()
+             if r.peak_bytes is not None and (r.flops_compiled or r.flops_program)}
     flop_fit = hardware.Linear.fit(list(flops.items()))
-    usable = next(iter(reports.values())).usable_bytes
-    limit = (1.0 - headroom) * usable
-    collectives = hardware.gradient_collectives(params, ici=ici, dcn=dcn, remat=bool(config.model.remat))
+    limit = (1.0 - headroom) * first.usable_bytes
+    collectives = hardware.gradient_collectives(first.params, ici=ici, dcn=dcn, remat=first.remat,
+                                                param_bytes=first.grad_bytes)
+    own = config_batch / batch_shards
+    own = {int(own)} if own == int(own) and own >= 1 else set()
 
     def row(b: int) -> PlanRow:
         r = reports.get(b)
-        compiled = r is not None
-        peak = (r.peak_bytes if compiled else memory(b))
-        fits = peak is not None and peak <= limit
-        est = hardware.estimate_step(chip, flops_per_device=flops.get(b, flop_fit(b)),
-                                     batch_per_device=per_device(b), collectives=collectives, mfu=mfu)
-        return PlanRow(b, b * batch_shards, peak, compiled, fits, est)
+        peak = r.peak_bytes if r is not None else memory(b)
+        est = hardware.estimate_step(chip, flops_per_device=flops.get(b) or flop_fit(b),
+                                     batch_per_device=b * batch_shards / first.devices,
+                                     collectives=collectives, mfu=mfu)
+        return PlanRow(b, b * batch_shards, peak, r is not None, peak is not None and peak <= limit, est)
 
     largest = min(max_batch, memory.largest_x(limit))
-    own = config.batch_size / batch_shards  # the config's own batch, listed whether or not it fits
-    own = [int(own)] if own == int(own) and own >= 1 else []
     while True:
-        batches = sorted(set(hardware.powers_of_two(largest)) | set(reports) | set(own))
+        batches = sorted(set(hardware.powers_of_two(largest)) | set(reports) | own)
         rows = [row(b) for b in batches]
-        best = hardware.recommend([r.estimate for r in rows], [r.fits for r in rows])
+        best = hardware.recommend([r.estimate for r in rows], [r.fits for r in rows],
+                                  min_compute_s=min_step_s)
         chosen = next((r for r in rows if best is not None and r.estimate is best), None)
-        if chosen is None or chosen.compiled:
+        if chosen is None or chosen.compiled or compile_at is None:
             break
-        compile_at(chosen.batch_per_device)  # check the fitted memory; a miss shrinks the list
+        compile_at(chosen.batch_per_device)
+        r = reports[chosen.batch_per_device]
+        if r.peak_bytes is not None and (r.flops_compiled or r.flops_program):
+            flops[chosen.batch_per_device] = r.flops_compiled or r.flops_program
         if not row(chosen.batch_per_device).fits:
             largest = chosen.batch_per_device / 2
     rows = [row(b) for b in batches]
     chosen = next((r for r in rows if chosen is not None and r.batch_per_device == chosen.batch_per_device), None)
-    return Plan(target=target, chip=chip, mesh=mesh, ici=ici, dcn=dcn, params=params,
-                remat=bool(config.model.remat), mfu=mfu, headroom=headroom, usable_bytes=usable,
-                collectives=collectives, rows=rows, recommended=chosen,
-                config_batch=int(config.batch_size),
+    return Plan(target=target, chip=chip, mesh=mesh, ici=ici, dcn=dcn, params=first.params,
+                remat=first.remat, mfu=mfu, headroom=headroom, usable_bytes=first.usable_bytes,
+                collectives=collectives, rows=rows, recommended=chosen, min_step_s=min_step_s,
+                config_batch=config_batch,
                 reports=[reports[b] for b in sorted(reports)])
 
 
 # ============================================================================ command line
-def reports_from_json(path: str) -> list[Report]:
-    """The compile reports an earlier `--json` run appended (plan records: their compiles)."""
+def _report_from_record(r: dict) -> Report:
     names = {f.name for f in dataclasses.fields(Report)}
-    out = []
+    report = Report(**{k: v for k, v in r.items() if k in names})
+    if "grad_bytes" not in r and r.get("collectives", {}).get("all-reduce"):
+        # Records written before grad_bytes existed: read it off the compiled all-reduces.
+        report.grad_bytes = 2 if r["collectives"]["all-reduce"][1] / r["params"] < 3 else 4
+    return report
+
+
+def read_json(path: str) -> list[Report | tuple[dict, dict[int, Report]]]:
+    """An earlier `--json` file: compile reports, and for plan records (record, compiles by batch
+    per batch shard)."""
+    out: list = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -681,8 +730,14 @@ def reports_from_json(path: str) -> list[Report]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not a JSON line ({e})") from e
-            for r in record["plan"]["compiles"] if "plan" in record else [record]:
-                out.append(Report(**{k: v for k, v in r.items() if k in names}))
+            if "plan" not in record:
+                out.append(_report_from_record(record))
+                continue
+            plan, reports = record["plan"], {}
+            for r in plan["compiles"]:
+                report = _report_from_record(r)
+                reports[report.global_batch // (report.mesh["data"] * report.mesh["fsdp"])] = report
+            out.append((plan, reports))
     return out
 
 
@@ -690,13 +745,21 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if _FROM_JSON.value:
-        reports = reports_from_json(_FROM_JSON.value)
-        for r in reports:
-            print(r.text())
-        if _MARKDOWN.value:
-            print("\n" + MARKDOWN_HEADER)
-            for r in reports:
-                print(r.markdown_row())
+        reports, plans = [], []
+        for item in read_json(_FROM_JSON.value):
+            if isinstance(item, Report):
+                reports.append(item)
+                print(item.text())
+                continue
+            record, compiled = item
+            plans.append(build_plan(target_for(record["target"]), compiled, config_batch=record["config_batch"],
+                                    mfu=_MFU.value, headroom=_HEADROOM.value, max_batch=_PLAN_MAX_BATCH.value,
+                                    min_step_s=_PLAN_MIN_STEP_MS.value / 1e3))
+            print(plans[-1].text())
+        if _MARKDOWN.value and reports:
+            print("\n" + MARKDOWN_HEADER + "\n" + "\n".join(r.markdown_row() for r in reports))
+        if _MARKDOWN.value and plans:
+            print("\n" + PLAN_MARKDOWN_HEADER + "\n" + "\n".join(p.markdown_row() for p in plans))
         return
     config = prepare_config(_CONFIG.value)
     targets = [target_for(t) for t in _TOPOLOGY.value.split(",") if t.strip()]
@@ -709,7 +772,8 @@ def main(argv: Sequence[str]) -> None:
             plan = plan_target(
                 config, target, num_slices=_NUM_SLICES.value, gpu_mem_fraction=_GPU_MEM_FRACTION.value,
                 mfu=_MFU.value, headroom=_HEADROOM.value,
-                probes=[int(b) for b in _PLAN_PROBES.value], max_batch=_PLAN_MAX_BATCH.value)
+                probes=[int(b) for b in _PLAN_PROBES.value], max_batch=_PLAN_MAX_BATCH.value,
+                min_step_s=_PLAN_MIN_STEP_MS.value / 1e3, check_config=_PLAN_CHECK_CONFIG.value)
             plans.append(plan)
             print(plan.text(), flush=True)
             if _JSON.value:
@@ -764,6 +828,12 @@ if __name__ == "__main__":
     _HEADROOM = flags.DEFINE_float("headroom", 0.2, "Plan: share of the usable HBM to keep free.")
     _PLAN_PROBES = flags.DEFINE_list("plan_probes", ["1", "4"], "Plan: per-device batches to compile.")
     _PLAN_MAX_BATCH = flags.DEFINE_integer("plan_max_batch", 1024, "Plan: largest per-device batch listed.")
+    _PLAN_MIN_STEP_MS = flags.DEFINE_float(
+        "plan_min_step_ms", 1e3 * hardware.MIN_STEP_S,
+        "Plan: the recommended batch computes at least this long per step (fixed per-step costs "
+        "are not modelled).")
+    _PLAN_CHECK_CONFIG = flags.DEFINE_bool(
+        "plan_check_config", True, "Plan: also compile the config's own batch (else its memory is fitted).")
     _FROM_JSON = flags.DEFINE_string(
         "from_json", None, "Print the reports (with their roofline) of an earlier --json file; "
         "compiles nothing, needs no --config / --topology.")

@@ -22,6 +22,8 @@ The model, per device and step:
     backward pass (its default on TPU and GPU), compute + communication when it cannot; the plan
     reports the first and calls a step communication-bound when communication exceeds
     `COMM_MARGIN` x compute, so that it stays hidden at half the documented bandwidth.
+  * The recommended batch (`recommend`) is the smallest that fits, is compute-bound and computes
+    for at least `MIN_STEP_S` per step.
 Not modelled: the latency term of each collective (microseconds; it matters for very small
 models), activation traffic of a `model` (tensor-parallel) axis, input-pipeline and host overheads.
 """
@@ -40,6 +42,10 @@ COMM_MARGIN = 0.5
 # The fraction of the bf16 peak the compute is assumed to run at (overridable per estimate).
 DEFAULT_MFU = 0.5
 PAIRS_BUDGET = 100e6  # chip-hours are quoted per this many training pairs
+# The recommended batch computes for at least this long per step: the fixed costs of a step that
+# the roofline leaves out (dispatch, kernel launches, collective latency, of the order of a
+# millisecond) then stay at the 10 % level.
+MIN_STEP_S = 0.010
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,11 +238,12 @@ def powers_of_two(upto: float, start: int = 1) -> list[int]:
     return out
 
 
-def recommend(estimates: Sequence[StepEstimate], fits: Sequence[bool]) -> StepEstimate | None:
-    """The smallest batch that is compute-bound and fits (the most sample-efficient of the
-    efficient ones); failing that, the largest that fits."""
-    ok = [e for e, f in zip(estimates, fits) if f]
-    for e in sorted(ok, key=lambda e: e.batch_per_device):
-        if e.bound == "compute":
+def recommend(estimates: Sequence[StepEstimate], fits: Sequence[bool], *,
+              min_compute_s: float = MIN_STEP_S) -> StepEstimate | None:
+    """The smallest batch that fits, is compute-bound and computes for at least `min_compute_s`
+    (the most sample-efficient of the efficient ones); failing that, the largest that fits."""
+    ok = sorted((e for e, f in zip(estimates, fits) if f), key=lambda e: e.batch_per_device)
+    for e in ok:
+        if e.bound == "compute" and e.compute_s >= min_compute_s:
             return e
-    return max(ok, key=lambda e: e.batch_per_device) if ok else None
+    return ok[-1] if ok else None

@@ -79,3 +79,6 @@ def test_linear_fit_batch_list_and_recommendation():
     assert hardware.recommend(est, [True] * 4) is est[2]  # the smallest compute-bound batch
     assert hardware.recommend(est, [True, True, False, False]) is est[1]  # else the largest that fits
     assert hardware.recommend(est, [False] * 4) is None
+    # A step must also compute for MIN_STEP_S (10 ms): 4 x 2.84 ms passes, 2 x 2.84 ms would not.
+    assert est[2].compute_s >= hardware.MIN_STEP_S > est[1].compute_s
+    assert hardware.recommend(est, [True] * 4, min_compute_s=0.02) is est[3]

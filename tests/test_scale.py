@@ -398,3 +398,19 @@ def test_scale_to_batch_keeps_the_run_in_pairs():
         pytest.approx(1e-4), 5000, 500_000)
     with pytest.raises(config_lib.ConfigError, match="batch_size=0"):
         config_lib.scale_to_batch(c, 0)
+
+
+def test_base_config_batch_and_topology_variants():
+    c = base_experiment.get_config()
+    assert (c.batch_size, c.optimizer.learning_rate, c.train.num_steps) == (1024, pytest.approx(2e-4), 125_000)
+    assert c.batch_size * c.train.num_steps == 256 * 500_000  # the reference run's 128 M pairs
+    for topology, batch in base_experiment.PLANNED_BATCH.items():
+        t = base_experiment.get_config(f"topology={topology}")
+        assert t.batch_size == batch and batch % compile_for.target_for(topology).num_devices == 0
+        assert t.batch_size * t.train.num_steps == 128_000_000
+    ref = base_experiment.get_config("batch=256")
+    assert (ref.optimizer.learning_rate, ref.optimizer.warmup_steps, ref.optimizer.ema_decay) == (1e-4, 5000, 0.9999)
+    for bad, match in [("topology=v9-8", "planned: "), ("size=L,topology=v5e-256", "size=S only"),
+                       ("batch=64,topology=v4-64", "not both")]:
+        with pytest.raises(ValueError, match=match):
+            base_experiment.get_config(bad)
