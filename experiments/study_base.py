@@ -29,7 +29,7 @@ Variant args (`experiments/study_base.py:key=value,...`):
   steps=N          train steps per arm (default 100000)
 Budget: 100,000 steps at the base config's global batch 1024 are 102 M pairs per arm-seed. By the
 pod plan's roofline (docs/SCALE.md: 50% MFU, communication hidden) that is at least 96 v5e /
-69 v4 / 41 v5p chip-hours or 16.5 H100-hours of training per arm-seed (0.37 h on a v5e-256), so
+68 v4 / 41 v5p chip-hours or 16.5 H100-hours of training per arm-seed (0.37 h on a v5e-256), so
 the 8 arm-seeds above cost >= 765 v5e chip-hours before the eval jobs; a real run's MFU, and so
 its bill, will be lower than the plan's. Pairs vs reconstruction needs both arms at both seeds;
 the filter claim needs the filter arms and the similarity mirror; the encoder claim an encoder arm.
