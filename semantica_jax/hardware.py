@@ -3,8 +3,10 @@
 What a team budgets a pod run with: for a chip generation, its memory, bf16 peak and interconnect
 bandwidths (`CHIPS`, each figure from the vendor page in `Chip.source`), and for a step with a known
 FLOP count per chip and a known sharding, the time its compute and its gradient communication take
-(`estimate_step`), which of the two bounds the step, and the chip-hours per 100 M training pairs.
-`launch/compile_for.py --plan` feeds it the compiled program's numbers; docs/SCALE.md explains the
+(`estimate_step`), which of the two bounds the step, and the chip-hours per 100 M training pairs;
+and the per-topology plan built from compiles at several batches (`build_plan`: memory and FLOPs
+fitted in the batch, one roofline row per power-of-two batch, a recommended batch).
+`launch/compile_for.py --plan` runs the compiles and feeds them in; docs/SCALE.md explains the
 model and its tables. Pure arithmetic: nothing here imports JAX.
 
 The model, per device and step:
@@ -247,3 +249,210 @@ def recommend(estimates: Sequence[StepEstimate], fits: Sequence[bool], *,
         if e.bound == "compute" and e.compute_s >= min_compute_s:
             return e
     return ok[-1] if ok else None
+
+
+# ============================================================================ per-topology plan
+@dataclasses.dataclass
+class PlanRow:
+    """One candidate batch of a plan: memory (compiled or fitted) and the step's roofline."""
+
+    batch_per_device: int
+    global_batch: int
+    peak_bytes: float | None
+    compiled: bool  # peak_bytes from a compile at this batch (else the linear fit of the probes)
+    fits: bool  # with the plan's headroom
+    estimate: StepEstimate
+
+
+@dataclasses.dataclass
+class Plan:
+    """What `--plan` found for one config on one target."""
+
+    target: str  # e.g. 'v5e-256'
+    chip: Chip
+    mesh: dict[str, int]
+    ici: dict[str, int]
+    dcn: dict[str, int]
+    params: int
+    remat: bool
+    mfu: float
+    headroom: float
+    usable_bytes: int
+    collectives: list[Collective]
+    rows: list[PlanRow]
+    recommended: PlanRow | None
+    min_step_s: float
+    config_batch: int  # the config's global batch
+    reports: list  # every compile the plan ran (launch/compile_for.py Reports)
+
+    def config_row(self) -> PlanRow | None:
+        return next((r for r in self.rows if r.global_batch == self.config_batch), None)
+
+    def strategy(self) -> str:
+        parts = []
+        for axis, name in (("data", "data-parallel"), ("fsdp", "FSDP"), ("model", "model-parallel")):
+            n = self.mesh[axis]
+            if n > 1:
+                dcn = self.dcn.get(axis, 1)
+                across = f" = {self.ici[axis]} x {dcn} {self.chip.granule}s" if dcn > 1 else ""
+                parts.append(f"{name} over {n}{across}")
+        return ", ".join(parts) or "one device"
+
+    def text(self) -> str:
+        chip, gib = self.chip, lambda b: f"{b / GIB:.2f}"
+        dcn = f"{chip.dcn_bytes_per_s / 1e9:.2f} GB/s" if chip.dcn_bytes_per_s else "not documented"
+        lines = [
+            f"plan       {self.target}: {self.strategy()}; {self.params / 1e6:.1f} M trained params"
+            f"{' (blocks rematerialised)' if self.remat else ''}",
+            f"           roofline: compute at {100 * self.mfu:.0f}% of {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s "
+            f"bf16; ICI {chip.ici_bytes_per_s / 1e9:.0f} GB/s, DCN {dcn} per device and direction",
+            "           collectives per step: " + "; ".join(
+                f"{c.what} {c.bytes / 1e6:.0f} MB" for c in self.collectives) if self.collectives
+            else "           collectives per step: none (one device)",
+            "           compiled program: " + ("; ".join(
+                f"{kind} {nbytes / 1e6:.0f} MB in {int(ops)} ops"
+                for kind, (ops, nbytes) in sorted((self.reports[0].collectives or {}).items()))
+                or "no collectives counted"),
+            f"{'batch/dev':>10} {'global':>7} {'peak GiB':>12} {'TFLOP/dev':>10} {'compute ms':>11} "
+            f"{'ICI ms':>7} {'DCN ms':>7} {'bound':>13} {'ex/s/dev':>9} {'dev-h/100M pairs':>17} "
+            f"{'(no overlap)':>12}",
+        ]
+        for r in self.rows:
+            e = r.estimate
+            mem = "-" if r.peak_bytes is None else ("" if r.compiled else "~") + gib(r.peak_bytes)
+            mem += "" if r.fits else "!"
+            lines.append(
+                f"{r.batch_per_device:>10} {r.global_batch:>7} {mem:>12} {e.flops / 1e12:>10.3f} "
+                f"{1e3 * e.compute_s:>11.2f} {1e3 * e.ici_s:>7.2f} {1e3 * e.dcn_s:>7.2f} {e.bound:>13} "
+                f"{e.examples_per_s:>9.1f} {e.chip_hours_per_budget:>17.1f} {e.chip_hours_serial:>12.1f}")
+        lines.append(f"           peak: compiled, ~ fitted through the compiled probes, ! less than "
+                     f"{100 * self.headroom:.0f}% headroom of {gib(self.usable_bytes)} GiB usable")
+        own = self.config_row()
+        if own is None:
+            lines.append(f"config     global batch {self.config_batch} is not a whole number of examples per "
+                         "batch shard here")
+        else:
+            e = own.estimate
+            lines.append(
+                f"config     global batch {own.global_batch} ({own.batch_per_device} per device): "
+                f"{e.bound}-bound (communication {e.comm_s / e.compute_s:.2f} x compute), "
+                f"{'fits with' if own.fits else 'DOES NOT FIT with'} >= {100 * self.headroom:.0f}% of the HBM "
+                f"free ({'compiled' if own.compiled else 'fitted'} peak "
+                f"{'n/a: out of memory' if own.peak_bytes is None else f'{own.peak_bytes / GIB:.2f} GiB'})")
+        r = self.recommended
+        if r is None:
+            lines.append("recommend  nothing fits with the headroom: shard more (FSDP), rematerialise, or "
+                         "use a bigger chip")
+        else:
+            e = r.estimate
+            lines.append(
+                f"recommend  the smallest batch that fits, is compute-bound and computes >= "
+                f"{1e3 * self.min_step_s:.0f} ms per step:")
+            lines.append(
+                f"           {r.batch_per_device} per device (global batch {r.global_batch}): "
+                f"{e.bound}-bound (communication {e.comm_s / e.compute_s:.2f} x compute), "
+                f"peak {gib(r.peak_bytes)} GiB ({100 * (1 - r.peak_bytes / self.usable_bytes):.0f}% headroom, "
+                f"{'compiled' if r.compiled else 'fitted'}), {1e3 * e.step_s:.1f} ms/step, "
+                f"{e.examples_per_s:.0f} examples/s/device, {e.chip_hours_per_budget:.0f} device-hours "
+                f"per 100 M pairs ({e.chip_hours_serial:.0f} if communication does not overlap)")
+        return "\n".join(lines)
+
+    def markdown_row(self) -> str:
+        r = self.recommended
+        if r is None:
+            return f"| {self.target} | {self.strategy()} | — | — | does not fit | — | — | — | — |"
+        e = r.estimate
+        return (f"| {self.target} | {self.strategy()} | {r.batch_per_device} ({r.global_batch}) | "
+                f"{r.peak_bytes / GIB:.2f} / {self.usable_bytes / GIB:.2f} | {e.flops / 1e12:.3f} | "
+                f"{1e3 * e.compute_s:.1f} | {1e3 * e.comm_s:.2f} | {e.bound} | "
+                f"{e.examples_per_s:.0f} | {e.chip_hours_per_budget:.0f} ({e.chip_hours_serial:.0f}) |")
+
+    def record(self) -> dict:
+        return dict(
+            target=self.target, chip=self.chip.name, mesh=self.mesh, ici=self.ici, dcn=self.dcn,
+            params=self.params, remat=self.remat, mfu=self.mfu, headroom=self.headroom,
+            usable_bytes=self.usable_bytes, collectives=[dataclasses.asdict(c) for c in self.collectives],
+            rows=[dict(batch_per_device=r.batch_per_device, global_batch=r.global_batch,
+                       peak_bytes=r.peak_bytes, compiled=r.compiled, fits=r.fits,
+                       compute_s=r.estimate.compute_s, ici_s=r.estimate.ici_s, dcn_s=r.estimate.dcn_s,
+                       flops=r.estimate.flops, bound=r.estimate.bound,
+                       examples_per_s=r.estimate.examples_per_s,
+                       chip_hours_per_100m_pairs=r.estimate.chip_hours_per_budget,
+                       chip_hours_per_100m_pairs_serial=r.estimate.chip_hours_serial) for r in self.rows],
+            recommended=None if self.recommended is None else self.recommended.batch_per_device,
+            config_batch=self.config_batch,
+            compiles=[dataclasses.asdict(r) for r in self.reports],
+        )
+
+
+PLAN_MARKDOWN_HEADER = (
+    "| target | sharding | batch per device (global) | peak / usable GiB | TFLOP/step/device | "
+    "compute ms | communication ms | bound | examples/s/device | device-hours per 100 M pairs "
+    "(no overlap) |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def build_plan(
+    target: str, chip: Chip, reports: dict, *, config_batch: int, mfu: float = DEFAULT_MFU,
+    headroom: float = 0.2, max_batch: int = 1024, min_step_s: float = MIN_STEP_S,
+    compile_at=None,
+) -> Plan:
+    """The plan from compiles at several batches per batch shard (`reports`, keyed by it: objects
+    with launch/compile_for.py's Report fields).
+
+    Fits per-device peak memory through the two largest compiled batches (at small batches fixed
+    buffers can hide the activations' growth: XLA:GPU reports the same peak at 1, 4 and 8
+    examples per H100) and FLOPs through all, lists the powers of two up to the largest batch
+    that keeps `headroom` of the usable HBM free (at most `max_batch`) plus the config's own, and
+    recommends the smallest that is compute-bound and computes for at least `min_step_s`
+    (recommend). With `compile_at`
+    (batch -> its Report, added to `reports`) a recommended batch that was not compiled is compiled to check its memory
+    (a miss shrinks the list); without it (re-printing a --json record) it stays fitted.
+    """
+    first = reports[min(reports)]
+    mesh, ici, dcn = first.mesh, first.ici or first.mesh, first.dcn or {}
+    batch_shards = mesh["data"] * mesh["fsdp"]
+    fitted = sorted((b, r.peak_bytes) for b, r in reports.items() if r.peak_bytes is not None)
+    if len(fitted) < 2:
+        raise RuntimeError(f"{target}: the step fits at fewer than two of the compiled batches "
+                           f"{sorted(reports)}; try smaller --plan_probes, FSDP or remat")
+    memory = Linear.fit(fitted[-2:])
+    flops = {b: r.flops_compiled or r.flops_program for b, r in reports.items()
+             if r.peak_bytes is not None and (r.flops_compiled or r.flops_program)}
+    flop_fit = Linear.fit(list(flops.items()))
+    limit = (1.0 - headroom) * first.usable_bytes
+    collectives = gradient_collectives(first.params, ici=ici, dcn=dcn, remat=first.remat,
+                                                param_bytes=first.grad_bytes)
+    own = config_batch / batch_shards
+    own = {int(own)} if own == int(own) and own >= 1 else set()
+
+    def row(b: int) -> PlanRow:
+        r = reports.get(b)
+        peak = r.peak_bytes if r is not None else memory(b)
+        est = estimate_step(chip, flops_per_device=flops.get(b) or flop_fit(b),
+                                     batch_per_device=b * batch_shards / first.devices,
+                                     collectives=collectives, mfu=mfu)
+        return PlanRow(b, b * batch_shards, peak, r is not None, peak is not None and peak <= limit, est)
+
+    largest = min(max_batch, memory.largest_x(limit))
+    while True:
+        batches = sorted(set(powers_of_two(largest)) | set(reports) | own)
+        rows = [row(b) for b in batches]
+        best = recommend([r.estimate for r in rows], [r.fits for r in rows],
+                                  min_compute_s=min_step_s)
+        chosen = next((r for r in rows if best is not None and r.estimate is best), None)
+        if chosen is None or chosen.compiled or compile_at is None:
+            break
+        compile_at(chosen.batch_per_device)
+        r = reports[chosen.batch_per_device]
+        if r.peak_bytes is not None and (r.flops_compiled or r.flops_program):
+            flops[chosen.batch_per_device] = r.flops_compiled or r.flops_program
+        if not row(chosen.batch_per_device).fits:
+            largest = chosen.batch_per_device / 2
+    rows = [row(b) for b in batches]
+    chosen = next((r for r in rows if chosen is not None and r.batch_per_device == chosen.batch_per_device), None)
+    return Plan(target=target, chip=chip, mesh=mesh, ici=ici, dcn=dcn, params=first.params,
+                remat=first.remat, mfu=mfu, headroom=headroom, usable_bytes=first.usable_bytes,
+                collectives=collectives, rows=rows, recommended=chosen, min_step_s=min_step_s,
+                config_batch=config_batch,
+                reports=[reports[b] for b in sorted(reports)])

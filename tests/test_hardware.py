@@ -82,3 +82,38 @@ def test_linear_fit_batch_list_and_recommendation():
     # A step must also compute for MIN_STEP_S (10 ms): 4 x 2.84 ms passes, 2 x 2.84 ms would not.
     assert est[2].compute_s >= hardware.MIN_STEP_S > est[1].compute_s
     assert hardware.recommend(est, [True] * 4, min_compute_s=0.02) is est[3]
+
+
+def _compiled(batch, peak_gib, tflops, devices=256):
+    """A stand-in for one of launch/compile_for.py's Reports (the fields build_plan reads)."""
+    import types
+
+    return types.SimpleNamespace(
+        global_batch=batch * devices, devices=devices, mesh={"data": devices, "fsdp": 1, "model": 1},
+        ici={"data": devices, "fsdp": 1, "model": 1}, dcn={"data": 1, "fsdp": 1, "model": 1},
+        params=S_PARAMS, remat=False, grad_bytes=2, usable_bytes=16 * hardware.GIB,
+        peak_bytes=peak_gib * hardware.GIB, flops_compiled=tflops * 1e12, flops_program=None,
+        collectives={"all-reduce": [3, 2.0 * S_PARAMS]})
+
+
+def test_plan_from_compiles_at_two_batches():
+    # The base config's v5e-256 compiles (docs/SCALE.md): 1.98 GiB / 0.332 TFLOP at 1 per chip,
+    # 2.55 GiB / 1.324 TFLOP at 4.
+    plan = hardware.build_plan("v5e-256", V5E, {1: _compiled(1, 1.98, 0.332), 4: _compiled(4, 2.55, 1.324)},
+                               config_batch=1024)
+    # Memory grows 0.19 GiB per example: 12.8 GiB (80 % of 16) is reached at ~57 per chip.
+    assert [r.batch_per_device for r in plan.rows] == [1, 2, 4, 8, 16, 32]
+    assert [r.compiled for r in plan.rows] == [True, False, True, False, False, False]
+    assert plan.rows[1].peak_bytes == pytest.approx((1.98 + (2.55 - 1.98) / 3) * hardware.GIB)
+    (ar,) = plan.collectives
+    assert ar.bytes == 2 * S_PARAMS  # bfloat16 gradients, as the compiled program reduces them
+    first = plan.rows[0].estimate
+    assert first.bound == "communication" and first.comm_s == pytest.approx(2 * 255 / 256 * 171e6 / 200e9, rel=1e-3)
+    # 2 per chip is compute-bound but computes 6.7 ms < 10 ms; 4 per chip (13.4 ms) is recommended.
+    assert plan.rows[1].estimate.bound == "compute" and plan.rows[1].estimate.compute_s < hardware.MIN_STEP_S
+    assert plan.recommended.batch_per_device == 4 and plan.recommended.global_batch == 1024
+    assert plan.config_row() is plan.recommended
+    assert "data-parallel over 256" in plan.text() and "compiled program: all-reduce 171 MB in 3 ops" in plan.text()
+    assert plan.markdown_row().startswith("| v5e-256 | data-parallel over 256 | 4 (1024) | 2.55 / 16.00 |")
+    with pytest.raises(RuntimeError, match="fits at fewer than two"):
+        hardware.build_plan("v5e-256", V5E, {1: _compiled(1, 1.98, 0.332)}, config_batch=256)
