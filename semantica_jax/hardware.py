@@ -17,12 +17,13 @@ The model, per device and step:
     (n - 1) / n x S. Over an axis that spans granules (TPU slices, GPU hosts) the collective is
     hierarchical: the in-granule part on ICI / NVLink with S, the cross-granule part on DCN /
     the NICs with S / (devices of the axis in one granule).
-  * Data parallelism all-reduces the float32 gradient (4 bytes per parameter, divided by the
-    FSDP and model shards); FSDP reduce-scatters it and all-gathers the float32 parameters before
-    the forward pass (and again for the backward pass when blocks are rematerialised).
-  * The step takes max(compute, communication) when XLA overlaps the gradient collectives with the
-    backward pass (its default on TPU and GPU), compute + communication when it cannot; the plan
-    reports the first and calls a step communication-bound when communication exceeds
+  * Data parallelism all-reduces the gradient (`param_bytes` per parameter, divided by the FSDP
+    and model shards: XLA reduces it at the compute dtype, 2 bytes for a bfloat16 step, as the
+    compiled programs' all-reduces show); FSDP reduce-scatters it and all-gathers the parameters
+    before the forward pass (and again for the backward pass when blocks are rematerialised).
+  * The step takes max(compute, communication) when the gradient collectives overlap the
+    backward pass (what XLA's asynchronous collectives aim for), compute + communication when
+    they cannot; the plan reports both and calls a step communication-bound when communication exceeds
     `COMM_MARGIN` x compute, so that it stays hidden at half the documented bandwidth.
   * The recommended batch (`recommend`) is the smallest that fits, is compute-bound and computes
     for at least `MIN_STEP_S` per step.
@@ -126,8 +127,9 @@ def gradient_collectives(
     """The per-step collectives of data parallelism over `data` and FSDP over `fsdp`.
 
     `ici` / `dcn`: the resolved mesh factors inside a granule and across granules (keys 'data',
-    'fsdp', 'model'); axis size = ici x dcn. Parameters, gradients and the all-gathered copies are
-    `param_bytes` wide (float32 master weights).
+    'fsdp', 'model'); axis size = ici x dcn. Gradients and the all-gathered parameters are
+    `param_bytes` wide: the compute dtype's width (2 for bfloat16, 4 for float32), since XLA
+    reduces and gathers at the precision the step computes in.
     """
     dcn = dcn or {}
     size = lambda axis: ici.get(axis, 1) * dcn.get(axis, 1)
