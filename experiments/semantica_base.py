@@ -31,15 +31,15 @@ Pod plan (`python launch/compile_for.py --config=experiments/semantica_base.py -
 compute at 50% of the bf16 peak vs the bfloat16 gradient all-reduce, 171 MB, at the chip's
 documented ICI bandwidth; data-parallel; docs/SCALE.md has the full tables and the model):
   topology  recommended batch/chip (global)  compute ms  all-reduce ms  device-h/100M pairs
-  v5e-256   4 (1024)                         13.4        1.70           93
-  v4-64     8 (256)                          19.2        1.23           67
-  v5p-128   8 (512)                          11.5        0.56           40
-  h100-8    32 (256)                         18.6        0.66           16
+  v5e-256   4 (1024)                         13.4        1.71           93
+  v4-64     8 (256)                          19.2        1.27           67
+  v5p-128   8 (512)                          11.5        0.57           40
+  h100-8    32 (256)                         18.6        0.76           16
   "Recommended" = the smallest power of two per chip that fits with >= 20% HBM headroom, is
   compute-bound (communication <= 0.5 x compute) and computes >= 10 ms per step. The default
   global batch 1024 is compute-bound on all four (communication 0.13 / 0.02 / 0.02 / 0.01 x
   compute) and fits (peak 2.55 / ~8.2 / ~6.0 / 22.3 GiB per chip); the previous default, 256,
-  was communication-bound on v5e-256 (1 per chip: 3.37 ms of compute, 1.70 ms all-reduce).
+  was communication-bound on v5e-256 (1 per chip: 3.37 ms of compute, 1.71 ms all-reduce).
 What it should show: loss decreasing, and samples (grids in TensorBoard) that are diverse variations
 keeping the condition's semantics; reconstruction pairing (`--config.data.pairing=reconstruction`)
 should give near-copies instead.

@@ -264,7 +264,8 @@ class Report:
             param_bytes=self.grad_bytes)
         return hardware.estimate_step(
             hardware.CHIPS[target_for(self.target).chip], flops_per_device=flops,
-            batch_per_device=self.global_batch / self.devices, collectives=collectives, mfu=mfu)
+            batch_per_device=self.global_batch / self.devices, collectives=collectives, mfu=mfu,
+            compiled_collectives=self.collectives, devices=self.devices)
 
     def text(self) -> str:
         """The human-readable block compile_for prints."""
@@ -303,8 +304,10 @@ class Report:
         est = self.estimate()
         if est is not None:
             lines.append(
-                f"roofline   compute {1e3 * est.compute_s:.2f} ms at {100 * est.mfu:.0f}% of peak, gradient "
-                f"communication {1e3 * est.comm_s:.2f} ms: {est.bound}-bound; {est.examples_per_s:.1f} "
+                f"roofline   compute {1e3 * est.compute_s:.2f} ms at {100 * est.mfu:.0f}% of peak, "
+                f"communication {1e3 * (est.ici_s + est.dcn_s):.2f} ms (model) / "
+                f"{1e3 * est.compiled_comm_s:.2f} ms (compiled collectives): {est.bound}-bound; "
+                f"{est.examples_per_s:.1f} "
                 f"examples/s/device, {est.chip_hours_per_budget:.0f} device-hours per 100 M pairs")
         lines.append(f"time       lower {self.lower_s:.1f} s, compile {self.compile_s:.1f} s (this host)")
         return "\n".join(lines)

@@ -155,13 +155,15 @@ class StepEstimate:
     batch_per_device: float
     flops: float  # per device
     compute_s: float
-    ici_s: float
-    dcn_s: float
+    ici_s: float  # the model's collectives (gradient_collectives) on ICI ...
+    dcn_s: float  # ... and across granules
     mfu: float
+    compiled_comm_s: float = 0.0  # the compiled program's own collectives (compiled_collective_seconds)
 
     @property
     def comm_s(self) -> float:
-        return self.ici_s + self.dcn_s
+        """The larger of the model's and the compiled program's communication time."""
+        return max(self.ici_s + self.dcn_s, self.compiled_comm_s)
 
     @property
     def step_s(self) -> float:
@@ -192,9 +194,22 @@ class StepEstimate:
         return PAIRS_BUDGET * self.step_serial_s / self.batch_per_device / 3600.0
 
 
+def compiled_collective_seconds(collectives: dict[str, Sequence[float]] | None, chip: Chip,
+                                devices: int) -> float:
+    """ICI time of a compiled program's collectives, from their result bytes per device
+    (launch/compile_for.py's `collective_bytes`), with the ring factors of large groups: an
+    all-reduce moves 2x its result, an all-gather, all-to-all or collective-permute 1x, a
+    reduce-scatter (whose result is one device's shard) its result x (group - 1), the group
+    taken as all `devices` (an upper bound). Everything counts as ICI traffic."""
+    factor = {"all-reduce": 2.0, "reduce-scatter": max(devices - 1, 1)}
+    return sum(factor.get(kind, 1.0) * nbytes for kind, (_, nbytes) in (collectives or {}).items()
+               ) / chip.ici_bytes_per_s
+
+
 def estimate_step(
     chip: Chip, *, flops_per_device: float, batch_per_device: float,
     collectives: Sequence[Collective], mfu: float = DEFAULT_MFU,
+    compiled_collectives: dict[str, Sequence[float]] | None = None, devices: int = 1,
 ) -> StepEstimate:
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu={mfu}: expected a fraction of the peak in (0, 1]")
@@ -204,7 +219,9 @@ def estimate_step(
         ici, dcn = ici + i, dcn + d
     return StepEstimate(batch_per_device=batch_per_device, flops=flops_per_device,
                         compute_s=flops_per_device / (chip.peak_bf16_flops * mfu),
-                        ici_s=ici, dcn_s=dcn, mfu=mfu)
+                        ici_s=ici, dcn_s=dcn, mfu=mfu,
+                        compiled_comm_s=compiled_collective_seconds(compiled_collectives, chip,
+                                                                    max(1, round(devices))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +333,7 @@ class Plan:
                 for kind, (ops, nbytes) in sorted((self.reports[0].collectives or {}).items()))
                 or "no collectives counted"),
             f"{'batch/dev':>10} {'global':>7} {'peak GiB':>12} {'TFLOP/dev':>10} {'compute ms':>11} "
-            f"{'ICI ms':>7} {'DCN ms':>7} {'bound':>13} {'ex/s/dev':>9} {'dev-h/100M pairs':>17} "
+            f"{'ICI ms':>7} {'DCN ms':>7} {'compiled':>8} {'bound':>13} {'ex/s/dev':>9} {'dev-h/100M pairs':>17} "
             f"{'(no overlap)':>12}",
         ]
         for r in self.rows:
@@ -325,8 +342,11 @@ class Plan:
             mem += "" if r.fits else "!"
             lines.append(
                 f"{r.batch_per_device:>10} {r.global_batch:>7} {mem:>12} {e.flops / 1e12:>10.3f} "
-                f"{1e3 * e.compute_s:>11.2f} {1e3 * e.ici_s:>7.2f} {1e3 * e.dcn_s:>7.2f} {e.bound:>13} "
+                f"{1e3 * e.compute_s:>11.2f} {1e3 * e.ici_s:>7.2f} {1e3 * e.dcn_s:>7.2f} "
+                f"{1e3 * e.compiled_comm_s:>8.2f} {e.bound:>13} "
                 f"{e.examples_per_s:>9.1f} {e.chip_hours_per_budget:>17.1f} {e.chip_hours_serial:>12.1f}")
+        lines.append("           ICI / DCN ms: the model's collectives; compiled ms: the compiled program's "
+                     "(nearest compiled batch); the larger counts")
         lines.append(f"           peak: compiled, ~ fitted through the compiled probes, ! less than "
                      f"{100 * self.headroom:.0f}% headroom of {gib(self.usable_bytes)} GiB usable")
         own = self.config_row()
@@ -377,6 +397,7 @@ class Plan:
             rows=[dict(batch_per_device=r.batch_per_device, global_batch=r.global_batch,
                        peak_bytes=r.peak_bytes, compiled=r.compiled, fits=r.fits,
                        compute_s=r.estimate.compute_s, ici_s=r.estimate.ici_s, dcn_s=r.estimate.dcn_s,
+                       compiled_comm_s=r.estimate.compiled_comm_s,
                        flops=r.estimate.flops, bound=r.estimate.bound,
                        examples_per_s=r.estimate.examples_per_s,
                        chip_hours_per_100m_pairs=r.estimate.chip_hours_per_budget,
@@ -424,16 +445,19 @@ def build_plan(
     flop_fit = Linear.fit(list(flops.items()))
     limit = (1.0 - headroom) * first.usable_bytes
     collectives = gradient_collectives(first.params, ici=ici, dcn=dcn, remat=first.remat,
-                                                param_bytes=first.grad_bytes)
+                                       param_bytes=first.grad_bytes)
     own = config_batch / batch_shards
     own = {int(own)} if own == int(own) and own >= 1 else set()
 
     def row(b: int) -> PlanRow:
         r = reports.get(b)
         peak = r.peak_bytes if r is not None else memory(b)
+        # The compiled collectives of this batch, else of the nearest compiled one.
+        near = r if r is not None else reports[min(reports, key=lambda c: (abs(c - b), -c))]
         est = estimate_step(chip, flops_per_device=flops.get(b) or flop_fit(b),
-                                     batch_per_device=b * batch_shards / first.devices,
-                                     collectives=collectives, mfu=mfu)
+                            batch_per_device=b * batch_shards / first.devices,
+                            collectives=collectives, mfu=mfu,
+                            compiled_collectives=near.collectives, devices=first.devices)
         return PlanRow(b, b * batch_shards, peak, r is not None, peak is not None and peak <= limit, est)
 
     largest = min(max_batch, memory.largest_x(limit))

@@ -62,6 +62,10 @@ def test_model_axis_shards_the_gradient_and_one_device_communicates_nothing():
     assert hardware.gradient_collectives(1000, ici={"data": 1, "fsdp": 1, "model": 1}) == []
     with pytest.raises(ValueError, match="mfu=0"):
         hardware.estimate_step(V5E, flops_per_device=1.0, batch_per_device=1, collectives=[], mfu=0)
+    # Compiled collectives: all-reduce 2x its result, all-gather 1x, reduce-scatter x (devices - 1).
+    compiled = {"all-reduce": [3, 1e9], "all-gather": [10, 2e9], "reduce-scatter": [1, 1e6]}
+    assert hardware.compiled_collective_seconds(compiled, V5E, 256) == pytest.approx(
+        (2e9 + 2e9 + 255e6) / 200e9)
 
 
 def test_linear_fit_batch_list_and_recommendation():
@@ -108,7 +112,10 @@ def test_plan_from_compiles_at_two_batches():
     (ar,) = plan.collectives
     assert ar.bytes == 2 * S_PARAMS  # bfloat16 gradients, as the compiled program reduces them
     first = plan.rows[0].estimate
-    assert first.bound == "communication" and first.comm_s == pytest.approx(2 * 255 / 256 * 171e6 / 200e9, rel=1e-3)
+    assert first.bound == "communication" and first.ici_s == pytest.approx(2 * 255 / 256 * 171e6 / 200e9, rel=1e-3)
+    # The compiled program's all-reduces (171 MB) at the large-group factor 2: a hair more, and the larger counts.
+    assert first.compiled_comm_s == pytest.approx(2 * 2.0 * S_PARAMS / 200e9)
+    assert first.comm_s == first.compiled_comm_s > first.ici_s
     # 2 per chip is compute-bound but computes 6.7 ms < 10 ms; 4 per chip (13.4 ms) is recommended.
     assert plan.rows[1].estimate.bound == "compute" and plan.rows[1].estimate.compute_s < hardware.MIN_STEP_S
     assert plan.recommended.batch_per_device == 4 and plan.recommended.global_batch == 1024
