@@ -20,7 +20,9 @@ Variants (`experiments/semantica_base.py:key=value,...`):
   fsdp            fully sharded data parallel, for size=L: parameters, EMA and Adam state
                   (float32; compute stays bfloat16) sharded over all chips of a slice
                   (mesh data=1, fsdp=-1; slices stay data-parallel, dcn_data=-1), and
-                  transformer blocks rematerialised (remat_policy=dots_with_no_batch_dims_saveable)
+                  transformer blocks rematerialised (remat_policy=dots_with_no_batch_dims_saveable);
+                  on 16 GiB v5e chips the compiled step re-gathers weights (~21 bytes per
+                  parameter per step at 256 px, docs/SCALE.md): plan it before launching
   batch=N         global batch N (default 1024); the recipe follows config_lib.scale_to_batch:
                   the same run in training pairs (steps, warm-up and EMA horizon), learning
                   rate x sqrt(N / 256) from 1e-4 at the reference batch 256
