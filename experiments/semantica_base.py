@@ -121,13 +121,5 @@ def get_config(arg=None):
         c.encoder.image_size = 56
         c.encoder.allow_random_init = True
         c.data.shuffle_buffer = 100
-        c.train.num_steps = 3
-        c.train.log_every = 1
-        c.train.checkpoint_every = 3
-        c.train.eval_every = 3
-        c.train.eval_batches = 1
-        c.train.sample_every = 3
-        c.sample.num_steps = 2
-        c.sample.num_conditions = 2
-        c.sample.samples_per_condition = 2
+        config_lib.apply_overrides(c, config_lib.smoke_overrides(3))
     return c

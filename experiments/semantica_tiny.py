@@ -158,20 +158,6 @@ def get_config(arg=None):
     c.eval.judge_files = os.path.join(data_dir, "fashion_mnist_pages", "train-*-of-00008.tfrecord")
 
     if v.get("runlocal"):
-        c.train.num_steps = 6
-        c.train.log_every = 2
-        c.train.checkpoint_every = 3
-        c.train.eval_every = 3
-        c.train.eval_batches = 1
-        c.train.sample_every = 6
-        c.sample.num_steps = 4
-        c.sample.num_conditions = 2
-        c.sample.samples_per_condition = 2
-        c.eval.shots = 1
-        c.eval.samples_per_condition = 2
-        c.eval.num_steps = 4
+        config_lib.apply_overrides(c, config_lib.smoke_overrides(6))
         c.eval.guidance_scales = (1.0,)
-        c.eval.judge_epochs = 1
-        c.eval.max_real_per_group = 20
-        c.eval.memorization_images = 50
     return c

@@ -264,6 +264,50 @@ def scale_to_batch(config: ml_collections.ConfigDict, batch_size: int) -> ml_col
     return config
 
 
+def smoke_overrides(num_steps: int = 6, *, in_run: bool = True) -> dict[str, Any]:
+    """Flattened `train.*` / `sample.*` / `eval.*` values that turn any experiment into a wiring
+    check (a few steps, the cheapest grid and eval), not a quality run.
+
+    Training checkpoints half-way and at the end (so a resume point exists); with `in_run`, the
+    eval loss runs once half-way and the sample grid once at the end; without, neither (the
+    claims study's smoke runs, whose evaluation is the eval job). The eval job's few-shot
+    settings shrink to 1 shot x 2 variations at 2 sampler steps. Apply with
+    `apply_overrides(config, smoke_overrides(...))`.
+    """
+    if num_steps < 1:
+        raise ConfigError(f"smoke_overrides: num_steps={num_steps}; expected >= 1")
+    half = (num_steps + 1) // 2
+    return {
+        "train.num_steps": num_steps, "train.log_every": max(1, num_steps // 3),
+        "train.checkpoint_every": half, "train.eval_every": half if in_run else 0,
+        "train.eval_batches": 1, "train.sample_every": num_steps if in_run else 0,
+        "sample.num_steps": 2, "sample.num_conditions": 2, "sample.samples_per_condition": 2,
+        "eval.shots": 1, "eval.samples_per_condition": 2, "eval.num_steps": 2,
+        "eval.judge_epochs": 1, "eval.max_real_per_group": 20, "eval.memorization_images": 50,
+    }
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Sets flattened `section.field` values on `config` (ConfigDict's own
+    `update_from_flattened_dict`, on the config locked so that no field is added; JSON lists
+    become tuples). An unknown field or a value of the wrong type raises ConfigError naming it.
+    Returns `config`, left locked or unlocked as it was."""
+    was_locked = config.is_locked
+    config.lock()
+    try:
+        for key, value in overrides.items():
+            try:
+                config.update_from_flattened_dict({key: tuple(value) if isinstance(value, list) else value})
+            except KeyError:
+                raise ConfigError(f"unknown config key {key!r}") from None
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"override {key}={value!r}: {e}") from e
+    finally:
+        if not was_locked:
+            config.unlock()
+    return config
+
+
 def parse_variant(arg: str | None) -> dict[str, Any]:
     """Parses `key=value,key2=value2` (bare `key` means True) into a dict; values are literals."""
     out: dict[str, Any] = {}

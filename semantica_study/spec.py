@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from semantica_jax import fileio
+from semantica_jax import config_lib, fileio
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,11 +25,8 @@ _EVAL_FREE = ("batch_size", "cache_dir", "poll_seconds", "idle_timeout_seconds")
 _CLAIM_KINDS = ("compare", "heldout", "guidance")
 _CHECK_KINDS = ("greater", "less", "above", "below", "trend")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-SMOKE_OVERRIDES = {
-    "train.num_steps": 6, "train.log_every": 2, "train.checkpoint_every": 6, "train.eval_every": 0,
-    "train.sample_every": 0, "eval.shots": 1, "eval.samples_per_condition": 2, "eval.num_steps": 2,
-    "eval.memorization_images": 0, "eval.max_real_per_group": 50, "eval.extractor_resolution": 64,
-}
+# --smoke: every arm a wiring check (no eval or grid inside the run: the eval job is the eval).
+SMOKE_OVERRIDES = config_lib.smoke_overrides(6, in_run=False)
 
 
 class StudyError(ValueError):
@@ -157,21 +154,11 @@ def split_overrides(overrides: dict) -> tuple[dict, dict]:
 
 
 def apply_overrides(config, overrides: dict) -> None:
-    """Sets dotted keys on an ml_collections ConfigDict (`update_from_flattened_dict`, on the
-    config locked so that no key is added; JSON lists become tuples); unknown keys raise."""
-    was_locked = config.is_locked
-    config.lock()
+    """`config_lib.apply_overrides`, raising StudyError (unknown keys, wrong types)."""
     try:
-        for key, value in overrides.items():
-            try:
-                config.update_from_flattened_dict({key: tuple(value) if isinstance(value, list) else value})
-            except KeyError:
-                raise StudyError(f"unknown config key {key!r}") from None
-            except (TypeError, ValueError) as e:
-                raise StudyError(f"override {key}={value!r}: {e}") from e
-    finally:
-        if not was_locked:
-            config.unlock()
+        config_lib.apply_overrides(config, overrides)
+    except config_lib.ConfigError as e:
+        raise StudyError(str(e)) from None
 
 
 def _flag_value(value: Any) -> str:
@@ -198,8 +185,6 @@ def arm_dir(out: str, arm: dict | str, seed: int) -> str:
 
 def load_arm_config(arm: dict, overrides: dict):
     """The arm's experiment config with all overrides (validates keys before anything runs)."""
-    from semantica_jax import config_lib
-
     try:
         config = config_lib.load_config_file(arm["config"])
     except Exception as e:  # noqa: BLE001  (a config file's own errors, named)

@@ -143,5 +143,7 @@ def test_experiment_configs_build_and_reject_unknown_variants():
         spec.loader.exec_module(mod)
         c = mod.get_config("runlocal")
         assert c.train.num_steps <= 6
+        # config_lib.smoke_overrides: a resume point before the end, the cheapest eval
+        assert c.train.checkpoint_every < c.train.num_steps and c.eval.shots == 1
         with pytest.raises(ValueError, match="unknown variant"):
             mod.get_config("runlocal,bogus=1")
