@@ -84,6 +84,21 @@ class Checkpointer:
             raise RestoreError(f"could not restore checkpoint {path}: {type(e).__name__}: {e}") from e
         return restored.state
 
+    def restore_subtrees(self, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
+        """Only some fields of the saved state (e.g. `{"ema_params": abstract_params}`), onto the
+        shardings the abstract trees carry: Orbax's partial restore, which reads nothing else
+        (no optimizer state), so no optimizer need be built to restore a model."""
+        path = os.path.join(self.directory, str(step))
+        item = dict(abstract)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True)))
+        except Exception as e:  # re-raised with the path, as `restore`
+            raise RestoreError(f"could not restore {sorted(item)} of checkpoint {path}: "
+                               f"{type(e).__name__}: {e}") from e
+        return dict(restored.state)
+
     def restore_data(self, step: int) -> dict | None:
         """The input position saved with `step`, or None when that checkpoint has none."""
         if not os.path.isdir(os.path.join(self.directory, str(step), "data")):

@@ -101,18 +101,20 @@ def encoder_reference(encoder_config) -> dict:
     return cached_tokens.cached_tokens_identity(encoder_config)
 
 
-def abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """(trainer, abstract EMA params with shardings on `mesh`) without touching device memory."""
+def build_models(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """The config's encoder and denoiser with abstract (sharded, shape-only) denoiser params on
+    `mesh` (`train.build_models`): no optimizer, no device memory."""
     from semantica_jax import train
 
-    trainer = train.build_trainer(config, mesh)
-    return trainer, trainer.abstract_state.ema_params
+    return train.build_models(config, mesh)
 
 
-def restore_checkpoint(workdir: str, step: int | None = None, *,
+def restore_checkpoint(workdir: str, step: int | None = None, *, raw: bool = False,
                        devices: Sequence[jax.Device] | None = None):
-    """(config, trainer, TrainState, step, path) of `<workdir>/checkpoints/<step>` (default: the
-    latest), restored data-parallel onto `devices` (default: all of this host's)."""
+    """(config, models, params, step, path) of `<workdir>/checkpoints/<step>` (default: the
+    latest): `params` maps 'ema' (and with `raw`, 'raw') to the denoiser params, restored
+    data-parallel onto `devices` (default: all of this host's) by a partial restore that reads
+    neither the optimizer state nor anything else of the train state."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise ExportError(f"{workdir} has no checkpoints/ directory")
@@ -126,36 +128,31 @@ def restore_checkpoint(workdir: str, step: int | None = None, *,
             raise ExportError(f"{ckpt_dir} has no checkpoint for step {step} (steps: {sorted(steps)})")
         where = os.path.join(ckpt.directory, str(step))
         config = config_lib.config_from_dict(ckpt.restore_config(step), where=where + "/config")
-        mesh = sharding.create_mesh(eval_mesh_config(config), devices)
-        trainer, _ = abstract_params(config, mesh)
-        state = ckpt.restore(step, trainer.abstract_state)
+        models = build_models(config, sharding.create_mesh(eval_mesh_config(config), devices))
+        fields = {"ema": "ema_params", "raw": "params"}
+        wanted = ["ema", "raw"] if raw else ["ema"]
+        restored = ckpt.restore_subtrees(step, {fields[k]: models.abstract_params for k in wanted})
     finally:
         ckpt.close()
-    return config, trainer, state, step, where
+    return config, models, {k: restored[fields[k]] for k in wanted}, step, where
 
 
 def model_from_checkpoint(workdir: str, step: int, *, devices: Sequence[jax.Device] | None = None,
                           raw: bool = False) -> ExportedModel:
     """An `ExportedModel` straight from a training checkpoint (what the eval job uses)."""
-    config, trainer, state, step, where = restore_checkpoint(workdir, step, devices=devices)
-    params = {"ema": state.ema_params}
-    if raw:
-        params["raw"] = state.params
+    config, models, params, step, where = restore_checkpoint(workdir, step, raw=raw, devices=devices)
     info = {"format": FORMAT, "version": VERSION, "step": step,
             "source": {"workdir": os.path.abspath(workdir), "checkpoint": where},
             "items": sorted(params), "encoder": encoder_reference(config.encoder)}
-    return ExportedModel(path=where, info=info, config=config, mesh=trainer.mesh, rules=trainer.rules,
-                         unet=trainer.unet, encoder=trainer.encoder, params=params)
+    return ExportedModel(path=where, info=info, config=config, mesh=models.mesh, rules=models.rules,
+                         unet=models.unet, encoder=models.encoder, params=params)
 
 
 def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, raw: bool = False,
                       overwrite: bool = False) -> str:
     """Writes the export of `<workdir>/checkpoints/<step>` (default: the latest) to `out_dir`."""
-    config, trainer, state, step, where = restore_checkpoint(workdir, step)
-    items = {"ema": state.ema_params}
-    if raw:
-        items["raw"] = state.params
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.ema_params))
+    config, _, items, step, where = restore_checkpoint(workdir, step, raw=raw)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(items["ema"]))
     info = {
         "format": FORMAT,
         "version": VERSION,
@@ -305,19 +302,19 @@ def load_export(path: str, *, devices: Sequence[jax.Device] | None = None,
                 f"{[(info['encoder'].get(k), now.get(k)) for k in diff]}); the encoder weights moved or changed")
     mesh = sharding.create_mesh(eval_mesh_config(config), devices)
     try:
-        trainer, abstract = abstract_params(config, mesh)
+        models = build_models(config, mesh)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise ExportError(f"{path}: {e}") from e
     restored = {}
     try:
         with ocp.StandardCheckpointer() as ckptr:
             for name in items:
-                restored[name] = ckptr.restore(os.path.join(path, "params", name), abstract)
+                restored[name] = ckptr.restore(os.path.join(path, "params", name), models.abstract_params)
     except Exception as e:  # never a silent fresh start: name the export and the reason
         raise ExportError(f"could not restore {path}/params (does config.json match the params?): "
                           f"{type(e).__name__}: {_first_lines(str(e))}") from e
-    return ExportedModel(path=path, info=info, config=config, mesh=mesh, rules=trainer.rules,
-                         unet=trainer.unet, encoder=trainer.encoder, params=dict(restored))
+    return ExportedModel(path=path, info=info, config=config, mesh=mesh, rules=models.rules,
+                         unet=models.unet, encoder=models.encoder, params=dict(restored))
 
 
 def _first_lines(text: str, limit: int = 400) -> str:

@@ -286,18 +286,30 @@ class Trainer:
             ).lower(self.abstract_state, self.abstract_enc_params, self.abstract_batch())
 
 
-def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Trainer:
-    """Models, optimizer and the sharded abstract TrainState for `config` on `mesh`.
+@dataclasses.dataclass
+class Models:
+    """A config's frozen encoder and denoiser on a mesh, with the denoiser's sharded abstract
+    params: all that sampling, export and evaluation need (no optimizer, no device memory)."""
 
-    `mesh` defaults to `sharding.create_mesh(config.mesh)` over this host's devices; pass a mesh
-    of compile-only devices (jax.experimental.topologies) to compile for other hardware.
-    """
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    encoder: encoder_lib.FrozenEncoder
+    unet: nn.Module
+    abstract_params: Any  # ShapeDtypeStructs with shardings
+    abstract_enc_params: Any  # ShapeDtypeStructs with shardings
+    token_shapes: tuple  # (tokens, pooled) ShapeDtypeStructs for a batch of 1
+    init_params: Any  # rng -> boxed (nn.Partitioned) UNet params; traced inside the mesh context
+
+
+def build_models(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Models:
+    """The encoder, the denoiser and its abstract params for `config` on `mesh` (default:
+    `sharding.create_mesh(config.mesh)` over this host's devices)."""
     _validate(config)
     mesh = sharding.create_mesh(config.mesh) if mesh is None else mesh
     rules = sharding.axis_rules(config)
     encoder = encoder_lib.FrozenEncoder.from_config(config.encoder)
     unet = unet_lib.unet_from_config(config.model, platform=mesh.devices.flat[0].platform)
-    tx, lr_schedule = optim.make_optimizer(config.optimizer, int(config.train.num_steps))
     size, cond_size = config.data.image_size, config.encoder.image_size
 
     # No eager op may run inside the mesh context: the mesh may hold compile-only devices.
@@ -307,15 +319,36 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
             encoder.encode, abstract_enc, jax.ShapeDtypeStruct((1, cond_size, cond_size, 3), jnp.float32)
         )
 
-        def init_state(rng):
-            init_rng, state_rng = jax.random.split(rng)
-            variables = unet.init(
-                {"params": init_rng, "dropout": init_rng},
+        def init_params(rng):
+            return unet.init(
+                {"params": rng, "dropout": rng},
                 jnp.zeros((1, size, size, 3)), jnp.zeros((1,)),
                 jnp.zeros((1,) + tokens.shape[1:]), jnp.zeros((1,) + pooled.shape[1:]),
                 jnp.ones((1,), bool), train=False,
-            )
-            params = variables["params"]
+            )["params"]
+
+        boxed = jax.eval_shape(init_params, jax.ShapeDtypeStruct((2,), jnp.uint32))
+        params_sh = sharding.logical_to_shardings(boxed, mesh, rules)
+    return Models(config=config, mesh=mesh, rules=rules, encoder=encoder, unet=unet,
+                  abstract_params=checkpointing.abstract_like(sharding.strip_boxes(boxed), params_sh),
+                  abstract_enc_params=abstract_enc, token_shapes=(tokens, pooled),
+                  init_params=init_params)
+
+
+def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Trainer:
+    """`build_models` plus the optimizer and the sharded abstract TrainState.
+
+    `mesh` defaults to `sharding.create_mesh(config.mesh)` over this host's devices; pass a mesh
+    of compile-only devices (jax.experimental.topologies) to compile for other hardware.
+    """
+    models = build_models(config, mesh)
+    mesh, rules = models.mesh, models.rules
+    tx, lr_schedule = optim.make_optimizer(config.optimizer, int(config.train.num_steps))
+    with sharding.mesh_and_rules(mesh, rules):
+
+        def init_state(rng):
+            init_rng, state_rng = jax.random.split(rng)
+            params = models.init_params(init_rng)
             return TrainState(
                 step=jnp.zeros((), jnp.int32), params=params,
                 ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params), rng=state_rng,
@@ -325,10 +358,10 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
         state_sh = sharding.logical_to_shardings(abstract_boxed, mesh, rules)
     abstract_state = checkpointing.abstract_like(sharding.strip_boxes(abstract_boxed), state_sh)
     return Trainer(
-        config=config, mesh=mesh, rules=rules, encoder=encoder, unet=unet, tx=tx,
+        config=config, mesh=mesh, rules=rules, encoder=models.encoder, unet=models.unet, tx=tx,
         lr_schedule=lr_schedule, abstract_state=abstract_state, state_sharding=state_sh,
-        abstract_enc_params=abstract_enc, batch_sharding=sharding.batch_sharding(mesh),
-        token_shapes=(tokens, pooled), _init_state=init_state,
+        abstract_enc_params=models.abstract_enc_params, batch_sharding=sharding.batch_sharding(mesh),
+        token_shapes=models.token_shapes, _init_state=init_state,
     )
 
 
