@@ -108,8 +108,9 @@ def bench_pipeline(files: list[str], cond_size: int, batch: int, pairs: int, rep
 
     tf.config.set_visible_devices([], "GPU")
     full = input_pipeline.make_pair_dataset(
-        files, image_size=64, cond_image_size=cond_size, batch_size=batch, shuffle_buffer=1000,
-        prefetch=2, jpeg_dct_scaling=jpeg_dct_scaling)
+        files, input_pipeline.data_section(image_size=64, shuffle_buffer=1000, prefetch=2,
+                                           jpeg_dct_scaling=jpeg_dct_scaling),
+        cond_image_size=cond_size, batch_size=batch)
 
     def decode_only(counter, page):
         cond, target = input_pipeline._choose_indices(0, counter, page["num_images"], "pairs")

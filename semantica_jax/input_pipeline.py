@@ -93,10 +93,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import ml_collections
 import tensorflow as tf
 
 from data_pipeline import shards
-from semantica_jax import image_ops
+from semantica_jax import config_lib, image_ops
 from semantica_jax.cached_tokens import (
     CACHED_TOKEN_FEATURES, PAIR_SIM_FEATURE, check_cache_identity, check_cached_token_files,
     check_pair_sim_files, decode_blob,
@@ -182,72 +183,63 @@ def hash_page_id(page_id: tf.Tensor | str) -> tf.Tensor:
 
 def make_pair_dataset(
     files: Sequence[str],
+    data: Any,
     *,
-    image_size: int,
     cond_image_size: int,
     batch_size: int,
-    pairing: str = "pairs",
     seed: int = 0,
     shuffle: bool = True,
     repeat: bool = True,
-    shuffle_buffer: int = 10_000,
-    min_images_per_page: int = 2,
-    num_parallel_calls: int = -1,
-    prefetch: int = 2,
-    cache_decoded: bool = False,
     drop_remainder: bool = True,
-    file_shuffle: bool = True,
     start_element: int = 0,
     cached_tokens: bool = False,
-    pair_filter: str = "none",
-    sim_low: float = -1.0,
-    sim_high: float = 1.0,
-    include_labels: Sequence[int] = (),
-    exclude_labels: Sequence[int] = (),
-    jpeg_dct_scaling: bool = True,
-    target_fit: str = "resize",
-    autotune: bool = False,
+    split: str = "train",
 ) -> tf.data.Dataset:
     """Batches of (cond, target) pairs from page shard `files` (see module docstring).
 
+    `data` is the experiment's `config.data` section (big_vision style: the pipeline reads its
+    options from the section; `data_section(**fields)` builds one from the defaults). The
+    fields it reads: image_size (target side), target_fit ('resize' | 'pad', see "Images"),
+    pairing ('pairs' | 'reconstruction'), min_images_per_page (pages with fewer are skipped;
+    >= 2 for 'pairs'), shuffle_buffer (pages), file_shuffle (shuffle the file order, seeded,
+    each epoch, when shuffling), num_parallel_calls (-1 = tf.data.AUTOTUNE: tuned with
+    `autotune`, else one call per core), prefetch (batches; -1 = AUTOTUNE, 0 = none),
+    cache_decoded (decode every page once and keep it in memory: small datasets such as
+    Fashion-MNIST), jpeg_dct_scaling (a JPEG target decoded at the largest DCT scale 1/2, 1/4
+    or 1/8 whose shorter side stays >= image_size; the condition is always fully decoded, so its
+    pixels match `semantica_jax.embed_cache`'s), pair_filter ('none' | 'similarity': only pairs
+    with sim_low <= s <= sim_high of the stored `pair_sim`; every file's first record is checked
+    for it), include_labels / exclude_labels (eval_include_labels / eval_exclude_labels with
+    split='eval'), autotune (tf.data's autotuning thread; off by default: with the pinned
+    TensorFlow an iterator whose tuning thread has run a while blocks its destructor until the
+    thread's tuning period, up to 60 s, ends, which every training run paid at exit).
+
     Args:
       files: shard paths, already this process's share (`files_for_process`).
-      image_size: target side (pixels).
+      data: the `config.data` section (above).
       cond_image_size: condition side (the encoder's input resolution).
       batch_size: per-process batch size.
-      pairing: 'pairs' (two distinct images of a page) or 'reconstruction' (one image twice).
       seed: seed of the file and page shuffles and of the index choice.
-      shuffle: shuffle pages (and, with `file_shuffle`, the file order each epoch).
+      shuffle: shuffle pages (and, with `data.file_shuffle`, the file order each epoch).
       repeat: repeat forever.
-      shuffle_buffer: page shuffle buffer size (pages, holding their encoded images).
-      min_images_per_page: pages with fewer images are skipped (>= 2 for 'pairs').
-      num_parallel_calls: parallelism of the map stages; -1 = tf.data.AUTOTUNE (tuned when
-        `autotune`, else one call per CPU core).
-      prefetch: batches to prefetch; -1 = AUTOTUNE, 0 = none.
-      cache_decoded: decode every image of every page once and keep the decoded pages in memory
-        (for small datasets that fit, e.g. Fashion-MNIST; saves re-decoding every epoch).
       drop_remainder: drop the last partial batch (static batch shape for jit).
-      file_shuffle: shuffle the file order (seeded, each epoch) when `shuffle` is set.
       start_element: skip this many elements of the page stream before pairing (exact resume:
         pass the `element_index` after the last one consumed). Skipped pages are read and parsed
         but never decoded, so skipping is cheap (no image decoding).
       cached_tokens: also emit `cond_tokens` / `cond_pooled` from embed_cache shards (every
         file's first record is checked for the features; see `check_cached_token_files`).
-      pair_filter: 'none', or 'similarity': only pairs with sim_low <= s <= sim_high of the
-        stored `pair_sim` matrix (every file's first record is checked for it).
-      sim_low, sim_high: the similarity thresholds (inclusive) of 'similarity'.
-      include_labels: keep only pages with one of these labels (empty = all).
-      exclude_labels: skip pages with one of these labels.
-      jpeg_dct_scaling: decode a JPEG *target* at the largest DCT scale 1/2, 1/4 or 1/8 whose
-        shorter side stays >= image_size, then resize as usual (see "Images"); the condition
-        is always fully decoded (its pixels match `semantica_jax.embed_cache`'s).
-      target_fit: how a target becomes `image_size` square: 'resize' (see "Images"), or 'pad'
-        (an image no larger than image_size centred on a black canvas, no resampling).
-      autotune: run tf.data's autotuning thread (`tf.data.Options.autotune`). Off by default:
-        with the pinned TensorFlow, destroying an iterator whose tuning thread has run for a
-        while blocks until the thread's current tuning period (up to 60 s) ends, which every
-        training run paid at exit; with it off, AUTOTUNE parallelism is one call per core.
+      split: 'train' or 'eval': which of the section's label filters apply.
     """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}; expected 'train' or 'eval'")
+    prefix = "" if split == "train" else "eval_"
+    image_size, target_fit, pairing = int(data.image_size), str(data.target_fit), data.pairing
+    shuffle_buffer, min_images_per_page = int(data.shuffle_buffer), int(data.min_images_per_page)
+    num_parallel_calls, prefetch = int(data.num_parallel_calls), int(data.prefetch)
+    cache_decoded, file_shuffle = bool(data.cache_decoded), bool(data.file_shuffle)
+    pair_filter, sim_low, sim_high = data.pair_filter, float(data.sim_low), float(data.sim_high)
+    jpeg_dct_scaling, autotune = bool(data.jpeg_dct_scaling), bool(data.get("autotune", False))
+    include_labels, exclude_labels = data[prefix + "include_labels"], data[prefix + "exclude_labels"]
     if target_fit not in TARGET_FITS:
         raise ValueError(f"data.target_fit={target_fit!r}; expected one of {TARGET_FITS}")
     if pairing not in PAIRINGS:
@@ -388,12 +380,9 @@ def create_train_dataset(
     ``config.seed``) seeds the file/page shuffles and the pair choice.
     """
     files = _process_files(config, "train_files", process_index, process_count)
-    kwargs = _common_kwargs(config)
-    if seed is not None:
-        kwargs["seed"] = int(seed)
-    return make_pair_dataset(files, batch_size=batch_size, shuffle=True, repeat=True,
-                             start_element=start_element, **kwargs,
-                             **_label_kwargs(config, "train"))
+    return make_pair_dataset(files, config.data, cond_image_size=int(config.encoder.image_size),
+                             batch_size=batch_size, seed=int(config.seed if seed is None else seed),
+                             start_element=start_element, cached_tokens=bool(config.encoder.cached_tokens))
 
 
 def create_eval_dataset(
@@ -405,10 +394,19 @@ def create_eval_dataset(
     across runs (and across restarts). Partial last batches are dropped (static shapes).
     """
     files = _process_files(config, "eval_files", process_index, process_count)
-    kwargs = _common_kwargs(config)
-    kwargs["cache_decoded"] = False  # a single pass gains nothing from a cache
-    return make_pair_dataset(files, batch_size=batch_size, shuffle=False, repeat=False, **kwargs,
-                             **_label_kwargs(config, "eval"))
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    data.cache_decoded = False  # a single pass gains nothing from a cache
+    return make_pair_dataset(files, data, cond_image_size=int(config.encoder.image_size),
+                             batch_size=batch_size, seed=int(config.seed), shuffle=False, repeat=False,
+                             cached_tokens=bool(config.encoder.cached_tokens), split="eval")
+
+
+def data_section(**fields: Any) -> ml_collections.ConfigDict:
+    """A `config.data` section: the defaults (`config_lib.default_config().data`) with `fields`
+    set (an unknown field raises naming it), for callers without an experiment config."""
+    data = config_lib.default_config().data
+    config_lib.apply_overrides(data, fields)
+    return data
 
 
 # --------------------------------------------------------------------------- internals
@@ -424,36 +422,6 @@ def _process_files(config: Any, field: str, process_index: int, process_count: i
     if config.encoder.cached_tokens:
         check_cache_identity(files, config.encoder)
     return files
-
-
-def _common_kwargs(config: Any) -> dict[str, Any]:
-    d = config.data
-    return dict(
-        image_size=int(d.image_size),
-        cond_image_size=int(config.encoder.image_size),
-        pairing=d.pairing,
-        seed=int(config.seed),
-        shuffle_buffer=int(d.shuffle_buffer),
-        min_images_per_page=int(d.min_images_per_page),
-        num_parallel_calls=int(d.num_parallel_calls),
-        prefetch=int(d.prefetch),
-        cache_decoded=bool(d.cache_decoded),
-        file_shuffle=bool(d.file_shuffle),
-        cached_tokens=bool(config.encoder.cached_tokens),
-        pair_filter=d.pair_filter,
-        sim_low=float(d.sim_low),
-        sim_high=float(d.sim_high),
-        jpeg_dct_scaling=bool(d.jpeg_dct_scaling),
-        target_fit=str(d.target_fit),
-        autotune=bool(d.get("autotune", False)),
-    )
-
-
-def _label_kwargs(config: Any, split: str) -> dict[str, Any]:
-    d = config.data
-    prefix = "" if split == "train" else "eval_"
-    return dict(include_labels=tuple(d[prefix + "include_labels"]),
-                exclude_labels=tuple(d[prefix + "exclude_labels"]))
 
 
 def _parse(

@@ -133,8 +133,8 @@ def test_another_encoder_is_refused(cache):
 def test_uncached_shards_raise_naming_the_file(cache):
     files = input_pipeline.list_shard_files(os.path.join(cache["src"], "*.tfrecord"))
     with pytest.raises(ValueError, match=rf"{files[0]} has no cached encoder tokens"):
-        input_pipeline.make_pair_dataset(files, image_size=8, cond_image_size=ENC_SIZE,
-                                         batch_size=2, cached_tokens=True)
+        input_pipeline.make_pair_dataset(files, input_pipeline.data_section(image_size=8),
+                                         cond_image_size=ENC_SIZE, batch_size=2, cached_tokens=True)
     with pytest.raises(ValueError, match=r"is a source directory"):
         embed_cache.build_cache(cache["config"].encoder, cache["config"].data.train_files,
                                 cache["src"])

@@ -34,10 +34,16 @@ def synth(tmp_path_factory):
     return {"dir": str(out), "files": stats["files"], "by_hash": by_hash}
 
 
+_STREAM_ARGS = ("cond_image_size", "batch_size", "seed", "shuffle", "repeat", "drop_remainder",
+                "start_element", "cached_tokens", "split")
+
+
 def _dataset(files, **kwargs):
+    """make_pair_dataset with `kwargs` split into the stream's arguments and config.data fields."""
     args = dict(image_size=32, cond_image_size=28, batch_size=8, shuffle_buffer=64)
     args.update(kwargs)
-    return input_pipeline.make_pair_dataset(files, **args)
+    stream = {k: args.pop(k) for k in _STREAM_ARGS if k in args}
+    return input_pipeline.make_pair_dataset(files, input_pipeline.data_section(**args), **stream)
 
 
 def _collect(ds, num_batches=None):

@@ -133,11 +133,11 @@ def test_drop_unpaired_and_cli_errors(cached, tmp_path, capsys):
 
 
 def _pairs(files, **kw):
-    args = dict(image_size=16, cond_image_size=14, batch_size=1, shuffle=False, repeat=False,
-                drop_remainder=False)
-    args.update(kw)
+    stream = dict(cond_image_size=14, batch_size=1, shuffle=False, repeat=False, drop_remainder=False)
+    stream.update({k: kw.pop(k) for k in ("seed",) if k in kw})
+    data = input_pipeline.data_section(image_size=16, **kw)
     out = []
-    for b in input_pipeline.make_pair_dataset(files, **args).as_numpy_iterator():
+    for b in input_pipeline.make_pair_dataset(files, data, **stream).as_numpy_iterator():
         out.append((synthetic.decode_synthetic(b["target"][0], (-1, 1)),
                     synthetic.decode_synthetic(b["cond"][0]), int(b["label"][0])))
     return out
@@ -172,11 +172,11 @@ def test_pipeline_samples_only_allowed_pairs(cached):
 def test_missing_pair_sim_is_an_error_naming_the_file(cached):
     files = sorted(tf.io.gfile.glob(os.path.join(cached["plain"], "train-*.tfrecord")))
     with pytest.raises(ValueError, match="train-00000-of-00002.tfrecord has no 'pair_sim'"):
-        input_pipeline.make_pair_dataset(files, image_size=16, cond_image_size=14, batch_size=2,
-                                         pair_filter="similarity")
+        input_pipeline.make_pair_dataset(files, input_pipeline.data_section(
+            image_size=16, pair_filter="similarity"), cond_image_size=14, batch_size=2)
     with pytest.raises(ValueError, match="pair_filter"):
-        input_pipeline.make_pair_dataset(files, image_size=16, cond_image_size=14, batch_size=2,
-                                         pair_filter="bogus")
+        input_pipeline.make_pair_dataset(files, input_pipeline.data_section(
+            image_size=16, pair_filter="bogus"), cond_image_size=14, batch_size=2)
 
 
 def test_label_filters_from_the_config(cached, tmp_path):
