@@ -3,7 +3,7 @@ r"""Sampler throughput: images/s of the trainer's sample function (DDPM / DDIM, 
   python benchmarks/sampler_bench.py --config=tiny --sampler=ddpm --num_steps=256 --batch=16
   python benchmarks/sampler_bench.py --config=S --sampler=ddim --num_steps=50 --batch=4 --measure_steps=4
 
-Times `jax.jit(train.make_sample_fn(config, unet, encoder))` (the function the trainer uses for
+Times `jax.jit(steps.make_sample_fn(config, unet, encoder))` (the function the trainer uses for
 its grids: `diffusion.sample`, one UNet pass per step, unguided) on one device with cached
 encoder tokens, after a compile + warm-up call. When `--measure_steps` is smaller than
 `--num_steps` (the S denoiser's 256 DDPM steps take minutes on a CPU), the loop is run for
@@ -29,7 +29,7 @@ def bench_sampler(config, *, sampler: str, num_steps: int, batch: int, measure_s
     """Times the sample function; `trainer`, `state`, `enc` may be passed in to reuse them."""
     import jax
     import numpy as np
-    from semantica_jax import train
+    from semantica_jax import steps, train
 
     measure = measure_steps if 0 < measure_steps < num_steps else num_steps
     config = config.copy_and_resolve_references()
@@ -45,7 +45,7 @@ def bench_sampler(config, *, sampler: str, num_steps: int, batch: int, measure_s
              "cond_tokens": np.random.default_rng(0).standard_normal((batch,) + tokens.shape[1:]).astype(np.float32),
              "cond_pooled": np.random.default_rng(1).standard_normal((batch,) + pooled.shape[1:]).astype(np.float32)}
     with trainer.context():
-        fn = jax.jit(train.make_sample_fn(config, trainer.unet, trainer.encoder))
+        fn = jax.jit(steps.make_sample_fn(config, trainer.unet, trainer.encoder))
         t0 = time.perf_counter()
         jax.block_until_ready(fn(state.ema_params, enc, conds, jax.random.PRNGKey(0)))
         first = time.perf_counter() - t0

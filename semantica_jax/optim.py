@@ -2,7 +2,7 @@
 
 `make_optimizer`: AdamW (weight decay on matrices and kernels only) behind global-norm
 clipping, with a linear warm-up and then a constant or cosine learning rate; `ema_decay_at`: the
-EMA decay with warm-up that `train.make_train_step` applies after every update.
+EMA decay with warm-up that `steps.make_train_step` applies after every update.
 """
 import jax
 import jax.numpy as jnp

@@ -6,6 +6,8 @@ Read top to bottom; each banner is one stage:
 
 Data flow: page shards -> (condition, target) pairs -> frozen ViT tokens (stop_gradient, not
 optimised, not checkpointed) -> UNet denoiser cross-attending to them -> v/eps/x loss.
+The compiled functions (update step, eval loss, grid sampler) and the TrainState live in
+`semantica_jax.steps`; this module builds the models and state on a mesh and runs the loop.
 """
 import dataclasses
 import itertools
@@ -17,7 +19,6 @@ import sys
 import time
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,167 +26,28 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, metrics, periodic_actions
+from clu import metric_writers, periodic_actions
 from flax.traverse_util import flatten_dict
 from jax.experimental import multihost_utils
 
-from semantica_jax import checkpointing, config_lib, diffusion, distributed, fileio, input_pipeline, optim, sharding
+from semantica_jax import checkpointing, config_lib, diffusion, distributed, fileio, input_pipeline, optim, sharding, steps
 from semantica_jax import encoder as encoder_lib
 from semantica_jax import images as images_lib
 from semantica_jax.models import unet as unet_lib
 
 
-# ============================================================================ state & metrics
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any  # trainable UNet params
-    ema_params: Any  # EMA of params, used for sampling and evaluation
-    opt_state: Any
-    rng: jax.Array  # base key; step keys are fold_in(rng, step), so resume is deterministic
-
-
-@flax.struct.dataclass
-class TrainMetrics(metrics.Collection):
-    loss: metrics.Average.from_output("loss")
-    grad_norm: metrics.Average.from_output("grad_norm")
-    learning_rate: metrics.LastValue.from_output("learning_rate")
-    nonfinite_fraction: metrics.Average.from_output("nonfinite")  # steps skipped as non-finite
-
-
+# ============================================================================ outcomes
 @dataclasses.dataclass
 class TrainOutcome:
     """What a run leaves behind (returned for tests and scripts; the workdir holds the same)."""
 
-    state: TrainState
+    state: steps.TrainState
     start_step: int
     summary: dict
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-# ============================================================================ the update step
-def condition(encoder: encoder_lib.FrozenEncoder, enc_params, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """The frozen encoder's (tokens, pooled) for the batch's condition images: read from the
-    batch when it carries cached tokens (config.encoder.cached_tokens), else encoded in-graph."""
-    if "cond_tokens" in batch:
-        return (jax.lax.stop_gradient(batch["cond_tokens"].astype(jnp.float32)),
-                jax.lax.stop_gradient(batch["cond_pooled"].astype(jnp.float32)))
-    return encoder.encode(enc_params, batch["cond"])
-
-
-def per_example_loss(unet: nn.Module, params, dc, x, eps, z, logsnr, tokens, pooled, cond_mask,
-                     **apply_kwargs) -> jax.Array:
-    """[B] diffusion loss of the denoiser's output on z (`config.diffusion` = dc: prediction,
-    weighting), shared by the train and eval steps; `apply_kwargs` go to `unet.apply`."""
-    out = unet.apply({"params": params}, z, logsnr, tokens, pooled, cond_mask, **apply_kwargs)
-    return diffusion.loss_per_example(
-        out.astype(jnp.float32), x, eps, z, logsnr,
-        prediction=dc.prediction, weighting=dc.loss_weighting, sigmoid_bias=dc.sigmoid_bias,
-    )
-
-
-def make_train_step(config, unet: nn.Module, encoder: encoder_lib.FrozenEncoder, tx, lr_schedule):
-    dc = config.diffusion
-    schedule_fn = diffusion.schedule_from_config(dc, config.data.image_size)
-
-    def train_step(state: TrainState, enc_params, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
-        k_t, k_eps, k_drop, k_dropout = jax.random.split(rng, 4)
-        x = batch["target"]
-        b = x.shape[0]
-        tokens, pooled = condition(encoder, enc_params, batch)  # frozen: stop_gradient
-        t = jax.random.uniform(k_t, (b,))
-        logsnr = schedule_fn(t)
-        eps = diffusion.noise(k_eps, x.shape, bool(dc.tie_channels), x.dtype)
-        z = diffusion.diffuse(x, eps, logsnr)
-        cond_mask = jax.random.uniform(k_drop, (b,)) >= dc.cond_drop_prob
-
-        def loss_fn(params):
-            return jnp.mean(per_example_loss(unet, params, dc, x, eps, z, logsnr, tokens, pooled, cond_mask,
-                                             train=True, rngs={"dropout": k_dropout}))
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        grad_norm = optax.tree.norm(grads)
-        d = optim.ema_decay_at(state.step, config.optimizer.ema_decay)
-
-        def update(params, ema_params, opt_state):
-            updates, new_opt_state = tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, new_params)
-            return new_params, new_ema, new_opt_state
-
-        # A non-finite step never touches the state: the host raises (or counts a skip). A
-        # conditional rather than a select per leaf: the select was a full extra pass over
-        # params, EMA and both Adam moments every step (~8 % of an S step on CPU).
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_params, new_ema, new_opt_state = jax.lax.cond(
-            finite, update, lambda *old: old, state.params, state.ema_params, state.opt_state)
-        new_state = state.replace(
-            step=state.step + 1, params=new_params, ema_params=new_ema, opt_state=new_opt_state,
-        )
-        step_metrics = TrainMetrics.single_from_model_output(
-            loss=jnp.where(finite, loss, 0.0),
-            grad_norm=jnp.where(finite, grad_norm, 0.0),
-            learning_rate=lr_schedule(state.step),
-            nonfinite=(~finite).astype(jnp.float32),
-        )
-        return new_state, step_metrics, finite
-
-    return train_step
-
-
-# ============================================================================ eval & sampling
-def make_eval_step(config, unet, encoder):
-    """Loss of the EMA model on held-out pairs at stratified t with fixed noise (comparable over time)."""
-    dc = config.diffusion
-    schedule_fn = diffusion.schedule_from_config(dc, config.data.image_size)
-
-    def eval_step(ema_params, enc_params, batch, rng):
-        x = batch["target"]
-        b = x.shape[0]
-        tokens, pooled = condition(encoder, enc_params, batch)
-        t = (jnp.arange(b, dtype=jnp.float32) + 0.5) / b
-        logsnr = schedule_fn(t)
-        eps = diffusion.noise(rng, x.shape, bool(dc.tie_channels), x.dtype)
-        z = diffusion.diffuse(x, eps, logsnr)
-        per_ex = per_example_loss(unet, ema_params, dc, x, eps, z, logsnr, tokens, pooled,
-                                  jnp.ones((b,), bool), train=False)
-        return jnp.sum(per_ex), b
-
-    return eval_step
-
-
-def make_sample_fn(config, unet, encoder):
-    """(ema_params, enc_params, conds, rng) -> samples [N * samples_per_condition, H, W, 3].
-
-    `conds` holds `cond` images [N, S, S, 3] (and `cond_tokens`/`cond_pooled` when cached)."""
-    sc, dc = config.sample, config.diffusion
-    size = config.data.image_size
-    schedule_fn = diffusion.schedule_from_config(dc, size)
-    per = int(sc.samples_per_condition)
-
-    def sample_fn(ema_params, enc_params, conds, rng):
-        tokens, pooled = condition(encoder, enc_params, conds)
-        tokens, pooled = jnp.repeat(tokens, per, axis=0), jnp.repeat(pooled, per, axis=0)
-
-        def model_fn(z, logsnr, cond_mask):
-            reps = z.shape[0] // tokens.shape[0]  # 2 when guidance batches cond + uncond
-            return unet.apply(
-                {"params": ema_params}, z, logsnr,
-                jnp.tile(tokens, (reps, 1, 1)), jnp.tile(pooled, (reps, 1)), cond_mask, train=False,
-            )
-
-        return diffusion.sample(
-            model_fn, rng, (tokens.shape[0], size, size, 3),
-            schedule_fn=schedule_fn, prediction=dc.prediction, num_steps=sc.num_steps,
-            sampler=sc.sampler, guidance_scale=sc.guidance_scale,
-            guidance_interval=tuple(sc.guidance_interval), tie_channels=bool(dc.tie_channels),
-        )
-
-    return sample_fn
 
 
 # ============================================================================ helpers
@@ -236,8 +98,8 @@ class Trainer:
     unet: nn.Module
     tx: optax.GradientTransformation
     lr_schedule: Any
-    abstract_state: TrainState  # ShapeDtypeStructs with shardings
-    state_sharding: TrainState
+    abstract_state: steps.TrainState  # ShapeDtypeStructs with shardings
+    state_sharding: steps.TrainState
     abstract_enc_params: Any  # ShapeDtypeStructs with shardings
     batch_sharding: jax.sharding.NamedSharding
     token_shapes: tuple  # (tokens, pooled) ShapeDtypeStructs for a batch of 1
@@ -264,7 +126,7 @@ class Trainer:
             batch["cond_pooled"] = jax.ShapeDtypeStruct((b,) + pooled.shape[1:], jnp.float32, sharding=sh)
         return batch
 
-    def init_state(self, rng: jax.Array) -> TrainState:
+    def init_state(self, rng: jax.Array) -> steps.TrainState:
         """A fresh state, born sharded (jit with out_shardings)."""
         with self.context():
             return jax.jit(lambda r: nn.meta.unbox(self._init_state(r)),
@@ -279,7 +141,7 @@ class Trainer:
         enc_sh = jax.tree.map(lambda x: x.sharding, self.abstract_enc_params)
         with self.context():
             return jax.jit(
-                make_train_step(self.config, self.unet, self.encoder, self.tx, self.lr_schedule),
+                steps.make_train_step(self.config, self.unet, self.encoder, self.tx, self.lr_schedule),
                 in_shardings=(self.state_sharding, enc_sh, self.batch_sharding),
                 out_shardings=(self.state_sharding, None, None),
                 donate_argnums=(0,),
@@ -349,7 +211,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
         def init_state(rng):
             init_rng, state_rng = jax.random.split(rng)
             params = models.init_params(init_rng)
-            return TrainState(
+            return steps.TrainState(
                 step=jnp.zeros((), jnp.int32), params=params,
                 ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params), rng=state_rng,
             )
@@ -448,8 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("Compiled the train step in %.1f s", compile_s)
     distributed.barrier(f"train step compiled (start {start_step})")
     # Traced at their first call, inside trainer.context() (see the loop).
-    eval_step = jax.jit(make_eval_step(config, trainer.unet, trainer.encoder))
-    sample_fn = jax.jit(make_sample_fn(config, trainer.unet, trainer.encoder))
+    eval_step = jax.jit(steps.make_eval_step(config, trainer.unet, trainer.encoder))
+    sample_fn = jax.jit(steps.make_sample_fn(config, trainer.unet, trainer.encoder))
 
     # ------------------------------------------------------------------ writers and hooks
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
