@@ -10,10 +10,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import helpers
 from data_pipeline import synthetic
-from semantica_jax import similarity
-from semantica_jax import input_pipeline
-from tests.helpers import tiny_config
+from semantica_jax import input_pipeline, similarity
 
 NUM_PAGES = 30
 LOW, HIGH = 0.2, 0.9
@@ -180,7 +179,7 @@ def test_missing_pair_sim_is_an_error_naming_the_file(cached):
 
 
 def test_label_filters_from_the_config(cached, tmp_path):
-    config = tiny_config(str(tmp_path), 1)
+    config = helpers.tiny_config(str(tmp_path), 1)
     config.data.train_files = os.path.join(cached["plain"], "train-*.tfrecord")
     config.data.eval_files = config.data.train_files
     config.data.exclude_labels = (1, 2)
@@ -201,7 +200,7 @@ def test_label_filters_from_the_config(cached, tmp_path):
 
 def test_embeddings_from_the_frozen_encoder(cached, tmp_path):
     """Shards without a token cache are embedded with the config's encoder (tiny, random)."""
-    encoder = tiny_config(str(tmp_path), 1).encoder
+    encoder = helpers.tiny_config(str(tmp_path), 1).encoder
     report = similarity.compute(os.path.join(cached["plain"], "train-00000-of-00002.tfrecord"),
                                 str(tmp_path / "enc"), encoder_config=encoder)
     assert report["pages"] == NUM_PAGES // 2 and isinstance(report["encoder"], dict)
