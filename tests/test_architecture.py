@@ -1,4 +1,5 @@
-"""The import graph: data flows one way, and `models/` is a leaf.
+"""The codebase's shape: data flows one way, `models/` is a leaf, no module grows past ~600 lines,
+and the README's results summary agrees with the pages it links.
 
   python tests/test_architecture.py      # prints every project module's project imports
 
@@ -99,6 +100,32 @@ def test_models_import_only_their_own_layers():
     bad = [(m, d) for m, deps in import_graph().items() if m.startswith("semantica_jax.models")
            for d in deps if not d.startswith("semantica_jax.models")]
     assert bad == []
+
+
+def test_no_module_holds_several_concepts_by_size():
+    """A module past ~600 lines is a sign that it holds several concepts: split it by concept."""
+    long = {m: n for m, path in _modules().items() if m.split(".")[0] in ("semantica_jax", "data_pipeline")
+            for n in [sum(1 for _ in open(path))] if n > 650}
+    assert long == {}
+
+
+def test_readme_results_agree_with_the_pages_they_link():
+    """Every figure of the README's results table appears on a page its row links to (the dated
+    page is the source; the README only summarises it)."""
+    import re
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme[readme.index("\n## Results\n"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and not ln.startswith("| what")]
+    assert len(rows) >= 3
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        pages = re.findall(r"\]\(([^)#]+)", cells[-1])
+        assert pages, row
+        text = " ".join(open(os.path.join(REPO, p)).read() for p in pages)
+        missing = [x for x in re.findall(r"\d+\.\d+", cells[1]) if x not in text]
+        assert missing == [], f"{cells[0][:40]}...: {missing} not in {pages}"
 
 
 if __name__ == "__main__":
