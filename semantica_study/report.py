@@ -11,7 +11,7 @@ import numpy as np
 
 from semantica_study.spec import REPO, REPORT_JSON, REPORT_MD, read_json, scale_key, write_json
 from semantica_study.stats import (
-    collect, evaluate_check, fmt_num, fmt_stat, group_count, group_stats, per_label, seed_note,
+    collect, evaluate_check, fmt_num, fmt_stat, group_count, group_stats, judged_as, per_label, seed_note,
     seed_results, tolerance
 )
 
@@ -404,7 +404,26 @@ def _heldout_section(study, arms, c, chance, entry) -> list[str]:
                                               f"({metric}, guidance {sc})", "kind": "heldout", "metric": metric,
                                  "guidance": sc, "verdict": v, "detail": detail})
     md += _md_table(header, rows) + [""]
+    # The confusion: which (seen) class the judge sees in the held-out classes' variations.
+    confusion, conf_rows = [], []
+    for g in c.get("guidance", study["table_guidance"]):
+        sc = scale_key(g)
+        for l in sorted(labels):
+            counts = judged_as(arms[arm]["seeds"], sc, l)
+            if not counts:
+                continue
+            total = sum(counts.values())
+            top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+            conf_rows.append([names[l], sc, str(total), ", ".join(
+                f"{study['class_names'].get(k, f'label {k}')} {v / total:.2f}" for k, v in top)])
+            confusion.append({"label": l, "guidance": sc, "variations": total,
+                              "judged_as": {str(k): v for k, v in sorted(counts.items())}})
+    if conf_rows:
+        md += [f"What the class judge sees in the variations of the held-out classes (arm {arm}, all "
+               f"seeds; the three most frequent classes and their fractions):", ""]
+        md += _md_table(["held-out class", "guidance", "variations", "judged as"], conf_rows) + [""]
     entry["table"] = table
+    entry["confusion"] = confusion
     entry["verdicts"] = verdicts
     return md
 

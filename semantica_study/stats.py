@@ -143,6 +143,18 @@ def per_label(seeds: dict, scale: str, label: int, metric: str) -> dict:
     return group_stats(seeds, scale, {label}, metric)
 
 
+def judged_as(seeds: dict, scale: str, label: int) -> dict[int, int]:
+    """label -> how many variations of the `label` group the class judge assigned to it, summed
+    over seeds (the eval results' per-group `judge_predicted`); {} when none recorded it."""
+    total: dict[int, int] = {}
+    for r in seed_results(seeds):
+        for g in (r["by_guidance"].get(scale) or {}).get("per_group") or []:
+            if _label_of(g["group"]) == label:
+                for k, v in (g.get("judge_predicted") or {}).items():
+                    total[int(k)] = total.get(int(k), 0) + int(v)
+    return total
+
+
 # ---------------------------------------------------------------------------- verdicts
 # Metrics that are a fraction of the generated samples: their sampling error (binomial, over all
 # samples behind the number) joins the seed spread in the thresholds.

@@ -74,6 +74,12 @@ def test_judge_scores_copies_and_wrong_classes(fitted):
                                   samples=copies, prdc_k=2, seed=0, judge=j)
     hits = j.predict(es.images[plan.cond_rows]) == es.labels[plan.cond_rows]
     assert out["class_consistency_judge"] == pytest.approx(hits.mean())
+    # Per group, what the judge saw: label -> count, most frequent first.
+    predicted = j.predict(copies)
+    for g, e in enumerate(out["per_group"]):
+        labels, counts = np.unique(predicted[np.repeat(plan.cond_groups == g, 2)], return_counts=True)
+        assert {int(k): v for k, v in e["judge_predicted"].items()} == dict(zip(labels.tolist(), counts.tolist()))
+        assert list(e["judge_predicted"].values()) == sorted(e["judge_predicted"].values(), reverse=True)
     wrong = np.roll(copies, 8, axis=0)  # 4 conditions x 2 samples per group: the next group's images
     out = fewshot.compute_metrics(eval_set=es, plan=plan, real_feats=feats, gen_feats=feats[:len(copies)],
                                   samples=wrong, prdc_k=2, seed=0, judge=j)

@@ -100,6 +100,8 @@ def test_study_runs_reports_and_resumes(tmp_path, monkeypatch):
     assert set(verdicts) <= {"yes", "no", "no clear difference"}
     held = report["claims"][1]
     assert {r["groups"] for r in held["table"]} == {"held-out classes", "other classes"}
+    # The confusion table: 1 condition x 2 variations per held-out class, as the judge saw them.
+    assert [(c["label"], sum(c["judged_as"].values())) for c in held["confusion"]] == [(1, 2), (2, 2)]
     assert report["chance"] == pytest.approx(0.1)
     grid = os.path.join(out, report["grids"]["side_by_side_g1"])
     assert os.path.exists(grid) and os.path.exists(os.path.join(out, report["grids"]["guidance_pairs"]))
@@ -174,6 +176,12 @@ def test_verdict_rules():
     assert st["mean"] == pytest.approx(0.5) and st["n"] == 1
     st = stats.group_stats(arm["seeds"], "1", {1, 2}, "class_consistency", exclude=True)
     assert st["mean"] == pytest.approx(1.0)
+    # The held-out confusion: the judge's per-group predictions summed over seeds.
+    seeds = [[{"group": "label 1", "judge_predicted": {"3": 5, "1": 2}}, {"group": "label 2"}],
+             [{"group": "label 1", "judge_predicted": {"3": 1, "4": 4}}]]
+    arm = _arm({"1": {"m": [0.5, 0.6]}}, per_group={"1": seeds})
+    assert stats.judged_as(arm["seeds"], "1", 1) == {3: 6, 1: 2, 4: 4}
+    assert stats.judged_as(arm["seeds"], "1", 2) == {}  # results without predictions
 
 
 def test_study_files_load_and_reject_bad_references(tmp_path):

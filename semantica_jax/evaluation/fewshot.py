@@ -27,7 +27,8 @@ Reported per guidance scale:
                        (labels only) fraction of variations that the judge (evaluation/judge.py,
                        a CNN trained on the labelled training split) assigns to the condition's
                        class; `judge_accuracy_real` is its accuracy on the real eval images (the
-                       ceiling), per group too
+                       ceiling), per group too; each group also records `judge_predicted`
+                       (label -> number of its variations the judge assigns to that label)
   class_consistency_pixels
                        (labels only) the same with a linear probe on grey pixels (the images
                        area-resized to at most 32 px), fitted on the eval images; its ceiling is
@@ -372,10 +373,16 @@ def compute_metrics(*, eval_set: EvalSet, plan: Plan, real_feats: np.ndarray, ge
                 metrics_lib.class_consistency(pixel_probe, var_pix[sel], cond_labels[sel]))
     if judge is not None:
         cond_labels = np.repeat(eval_set.labels[plan.cond_rows], m)
-        hits = (judge.predict(samples) == cond_labels).reshape(n_cond, m)
+        predicted = judge.predict(samples)
+        hits = (predicted == cond_labels).reshape(n_cond, m)
+        predicted = predicted.reshape(n_cond, m)
         out["class_consistency_judge"] = float(hits.mean())
         for e, g in zip(per_group, range(eval_set.num_groups)):
             e["class_consistency_judge"] = float(hits[plan.cond_groups == g].mean())
+            # What the judge sees in the group's variations: label -> count, most frequent first
+            # (the confusion a held-out class turns into).
+            values, counts = np.unique(predicted[plan.cond_groups == g], return_counts=True)
+            e["judge_predicted"] = {str(int(values[i])): int(counts[i]) for i in np.argsort(-counts, kind="stable")}
     if train_feats is not None and len(train_feats):
         gen_nn = float(np.mean(metrics_lib.nearest_neighbor_distance(gen_feats, train_feats)))
         out["nearest_train_distance"] = gen_nn
