@@ -37,7 +37,7 @@ Expected (docs/RESULTS.md has each run's command, date and machine): on an idle 
 training process takes ~7.3 min (8.3-8.7 steps/s; 3.9 steps/s on a slow day of the same machine)
 and the whole main job ~12.5 min after the first install; final eval loss ~0.127; the export's
 class-consistency by the class judge (which scores real eval images 0.91) 0.59-0.61 / 0.65-0.66 /
-0.66 at guidance 1 / 2 / 3, pixel diversity ~0.94x that of real same-class images, memorisation
+0.65-0.66 at guidance 1 / 2 / 3, pixel diversity ~0.94x that of real same-class images, memorisation
 ratio ~1.22. The eval job reads the `eval` section below.
 """
 import os
